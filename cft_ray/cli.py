@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from cft_ray.runtime import init_ray
         init_ray(cfg.ray)
-        module = importlib.import_module("cft_ray.pipeline" if args.cmd in ("run", "plan") else f"cft_ray.{args.cmd}")
+        module = importlib.import_module("cft_ray.pipeline" if args.cmd == "run" else f"cft_ray.{args.cmd}")
         if args.cmd == "run":
             out = module.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = getattr(module, "plan_main" if args.cmd == "plan" else "main")(cfg)
+            out = module.main(cfg)
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,33 @@
+"""cluster.yaml passes Ray's own autoscaler validation, and the stages' resource requests can land."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cluster():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_with_ray():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(_cluster())
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] == "head" and "GPU" not in types["head"]["resources"]
+    assert all(types[t]["min_workers"] == 0 for t in types if t != "head")
+    assert types["infer_gpu"]["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    assert "InstanceMarketOptions" not in types["train_gpu"]["node_config"]  # training is on-demand
+
+
+def test_a_typo_is_rejected_by_the_same_validation():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    bad = _cluster()
+    bad["available_node_types"]["train_gpu"]["min_worker"] = 0  # typo of min_workers
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))

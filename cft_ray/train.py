@@ -1,0 +1,379 @@
+"""Step 4: supervised fine-tuning on the routed rows (direct answers + teacher CoT), on Ray Train + DeepSpeed.
+
+    routed rows (+ teacher CoT)  --build_examples-->  token ids + label masks (Ray Data actors)
+        --phase_datasets-->  one shuffled (optionally packed) dataset per phase of the schedule
+        --train-->  TorchTrainer; every worker streams its shard (train_loop.py)  -->  HF model dir
+
+Examples come only from prompts.py and the model's chat template. Labels cover the assistant turn
+(default) or every token; rows that cannot train (no teacher text, too long under truncation=drop, no
+trainable token) stay in the output as error rows with their reason. Data spent follows the paper:
+supervised target tokens x epochs, per phase.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pyarrow as pa
+
+from cft_ray import models, prompts, store
+from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig, config_hash, stage_dir
+
+log = logging.getLogger("cft_ray")
+
+EXAMPLE_SCHEMA = pa.schema([
+    pa.field("item_id", pa.string()),
+    pa.field("bucket", pa.string()),
+    pa.field("bucket_idx", pa.int32()),
+    pa.field("split", pa.string()),
+    pa.field("kind", pa.string()),  # direct | cot
+    pa.field("input_ids", pa.list_(pa.int32())),
+    pa.field("labels", pa.list_(pa.int32())),  # -100 = not trained
+    pa.field("n_tokens", pa.int32()),
+    pa.field("n_target", pa.int32()),  # trained labels (after the causal shift: position 0 never counts)
+    pa.field("truncated", pa.bool_()),
+    pa.field("error", pa.string()),  # null for a usable example
+])
+ROUTED_COLUMNS = {"item_id", "question", "options", "answer", "bucket", "treatment"}
+IGNORE = -100
+
+
+def tokenize_examples(tok, examples: list[tuple[list[dict], str]], max_length: int, loss_on: str = "assistant",
+                      truncation: str = "keep_end") -> list[tuple[list[int], list[int], bool] | ValueError]:
+    """(messages, assistant text) pairs -> (input_ids, labels, truncated), or the ValueError that makes
+    the row unusable. The assistant span is what follows the rendered prompt-with-generation-header:
+    checked as a token prefix, else located by character offsets (templates whose tokens merge
+    across the boundary or that re-render earlier turns once an answer follows)."""
+    prompt_txt = [prompts.render(tok, m) for m, _ in examples]
+    full_txt = [prompts.render(tok, m, assistant=a) for m, a in examples]
+    fast = getattr(tok, "is_fast", False)
+    full = tok(full_txt, add_special_tokens=False, return_offsets_mapping=fast)
+    prompt_ids = tok(prompt_txt, add_special_tokens=False)["input_ids"]
+    out: list = []
+    for i, (_, target) in enumerate(examples):
+        ids, p = list(full["input_ids"][i]), prompt_ids[i]
+        try:
+            if ids[:len(p)] == p:
+                start = len(p)
+            else:
+                pos = len(prompt_txt[i]) if full_txt[i].startswith(prompt_txt[i]) else full_txt[i].rfind(target)
+                if pos < 0 or not fast:
+                    raise ValueError("chat template: cannot locate the assistant turn in the rendered example")
+                start = next((j for j, (_, end) in enumerate(full["offset_mapping"][i]) if end > pos), len(ids))
+            labels = list(ids) if loss_on == "all" else [IGNORE] * start + ids[start:]
+            truncated = len(ids) > max_length
+            if truncated:
+                if truncation == "drop":
+                    raise ValueError(f"{len(ids)} tokens > max_length={max_length} (truncation=drop)")
+                cut = slice(-max_length, None) if truncation == "keep_end" else slice(0, max_length)
+                ids, labels = ids[cut], labels[cut]
+            if all(x == IGNORE for x in labels[1:]):
+                raise ValueError("no trainable token" + (" after truncation" if truncated else ""))
+            out.append((ids, labels, truncated))
+        except ValueError as e:
+            out.append(e)
+    return out
+
+
+class Tokenize:
+    """Ray Data actor: routed rows (+ `text` on cot rows) -> EXAMPLE_SCHEMA rows, errors included."""
+
+    def __init__(self, model_dir: str, scheme: str, max_length: int, loss_on: str, truncation: str,
+                 trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.scheme, self.max_length, self.loss_on, self.truncation = scheme, max_length, loss_on, truncation
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        rows = t.to_pylist()
+        built: list = [None] * len(rows)
+        todo, pairs = [], []
+        for i, r in enumerate(rows):
+            kind = r["treatment"]
+            if kind == "direct":
+                pairs.append((prompts.direct_messages(r, self.scheme), prompts.marker(r["answer"], self.scheme)))
+            elif kind == "cot" and r.get("text"):
+                pairs.append((prompts.cot_messages(r, self.scheme), r["text"]))
+            else:
+                built[i] = ValueError("cot row without teacher text" if kind == "cot" else f"unknown treatment {kind!r}")
+                continue
+            todo.append(i)
+        for i, res in zip(todo, tokenize_examples(self.tok, pairs, self.max_length, self.loss_on, self.truncation)):
+            built[i] = res
+        out = []
+        for r, res in zip(rows, built):
+            ok = not isinstance(res, ValueError)
+            ids, labels, trunc = res if ok else ([], [], False)
+            out.append({"item_id": r["item_id"], "bucket": r["bucket"], "bucket_idx": r.get("bucket_idx"),
+                        "split": r.get("split") or "train", "kind": r["treatment"], "input_ids": ids,
+                        "labels": labels, "n_tokens": len(ids), "n_target": sum(x != IGNORE for x in labels[1:]),
+                        "truncated": trunc, "error": None if ok else str(res)})
+        return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+
+
+def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
+    """Routed rows (+ teacher CoT rows `item_id, text`, or None) -> a lazy Dataset of EXAMPLE_SCHEMA.
+
+    Rows routed to `drop` make no example. `treatment` decides the example kind, so an arm builds
+    its data by rewriting that column (all direct = SFT, all cot = distillation)."""
+    import ray
+    from ray.data.expressions import col
+
+    missing = ROUTED_COLUMNS - set(rows.schema().names)
+    if missing:
+        raise ValueError(f"routed rows lack columns {sorted(missing)}")
+    routed = rows.filter(expr=col("treatment") != "drop")
+    if cot is not None:
+        # Hash join: scales to corpora bigger than any one node (needs polars).
+        routed = routed.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),
+                             num_partitions=max(2, int(ray.cluster_resources().get("CPU", 2))))
+    tc, pool = cfg.train, cfg.train.pool
+    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
+    return routed.map_batches(
+        Tokenize, batch_format="pyarrow", batch_size=pool.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=pool.num_cpus,
+        resources=pool.resources or None,
+        fn_constructor_kwargs={"model_dir": model_dir or models.resolve(cfg.student), "scheme": cfg.prompt.labels,
+                               "max_length": tc.max_length, "loss_on": tc.loss_on, "truncation": tc.truncation,
+                               "trust_remote_code": cfg.student.trust_remote_code})
+
+
+def pack(t: pa.Table, max_length: int) -> pa.Table:
+    """Ray Data UDF: first-fit-decreasing packing of rows into sequences of <= max_length tokens.
+    position_ids restart at every row, which makes transformers build a block-diagonal causal mask
+    (no attention across rows); the first label of each row is masked so no row learns from its
+    neighbour's last token."""
+    ids, labels = t["input_ids"].to_pylist(), t["labels"].to_pylist()
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+        j = next((b for b, r in enumerate(room) if r >= len(ids[i])), None)
+        if j is None:
+            bins.append([]), room.append(max_length)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= len(ids[i])
+    n_target = t["n_target"].to_pylist()
+    out = {"input_ids": [], "labels": [], "position_ids": [], "n_tokens": [], "n_target": [], "n_rows": []}
+    for b in bins:
+        out["input_ids"].append([x for i in b for x in ids[i]])
+        out["labels"].append([x for i in b for x in [IGNORE] + labels[i][1:]])
+        out["position_ids"].append([p for i in b for p in range(len(ids[i]))])
+        out["n_tokens"].append(sum(len(ids[i]) for i in b))
+        out["n_target"].append(sum(n_target[i] for i in b))
+        out["n_rows"].append(len(b))
+    return pa.table(out, schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                                           ("position_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
+                                           ("n_target", pa.int32()), ("n_rows", pa.int32())]))
+
+
+def resolve_phases(tc: TrainConfig, buckets: list[str]) -> list[Phase]:
+    """The schedule as phases; `buckets` in increasing difficulty (for the curriculum)."""
+    if tc.schedule == "custom":
+        if not tc.phases:
+            raise ConfigError("train.phases: schedule=custom needs at least one phase")
+        return list(tc.phases)
+    if tc.schedule == "two_phase":  # paper: direct (easy+medium by routing), then CoT (hard) continuing
+        return [Phase(name="direct", treatments=["direct"], epochs=tc.epochs),
+                Phase(name="cot", treatments=["cot"], epochs=tc.epochs)]
+    if tc.schedule == "merged":
+        return [Phase(name="merged", treatments=["direct", "cot"], epochs=tc.epochs)]
+    return [Phase(name=f"curriculum-{b}", treatments=["direct"], buckets=[b], epochs=tc.epochs) for b in buckets]
+
+
+def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
+    """Usable train/valid examples -> (plan, datasets): per phase the selected rows, shuffled with the
+    run seed, packed if configured, materialised (epochs re-read them, resumes replay them), and the
+    step count every worker will run. Phases without rows are kept in the plan with 0 steps."""
+    from ray.data.expressions import col
+
+    tc = cfg.train
+    ok = examples.filter(expr=col("error").is_null()).materialize()
+    order = ok.groupby("bucket").min("bucket_idx").to_pandas()
+    buckets = list(order.sort_values(order.columns[1], kind="stable")["bucket"]) if len(order) else []
+    global_batch = tc.num_workers * tc.micro_batch * tc.grad_accum
+    plan, datasets = [], {}
+    keep = ["input_ids", "labels", "n_tokens", "n_target"]
+    for i, ph in enumerate(resolve_phases(tc, buckets)):
+        sel = col("kind").is_in(list(ph.treatments))
+        if ph.buckets is not None:
+            sel = sel & col("bucket").is_in(list(ph.buckets))
+        train = ok.filter(expr=sel & (col("split") == "train")).select_columns(keep).random_shuffle(seed=tc.seed + i)
+        if tc.packing:
+            train = train.map_batches(pack, batch_format="pyarrow", batch_size=4096, fn_kwargs={"max_length": tc.max_length})
+        train = train.materialize()
+        valid = ok.filter(expr=sel & (col("split") == "valid")).select_columns(keep).materialize()
+        rows, n_valid = train.count(), valid.count()
+        sums = train.sum(["n_tokens", "n_target"]) if rows else {"sum(n_tokens)": 0, "sum(n_target)": 0}
+        # drop_last per epoch: every worker runs the same number of full steps (collectives never
+        # wait on a worker that ran out of rows); the tail rows move with the per-epoch shuffle.
+        spe = (rows // tc.num_workers) // (tc.micro_batch * tc.grad_accum)
+        if rows and spe == 0:
+            raise ConfigError(f"phase {ph.name}: {rows} rows are fewer than one global batch "
+                              f"({tc.num_workers} workers x micro_batch {tc.micro_batch} x grad_accum {tc.grad_accum})")
+        entry = {"name": ph.name, "treatments": list(ph.treatments), "buckets": ph.buckets, "epochs": ph.epochs,
+                 "rows": rows, "valid_rows": n_valid, "steps_per_epoch": spe,
+                 "steps": max(1, round(ph.epochs * spe)) if spe else 0,
+                 "tokens_per_epoch": int(sums["sum(n_tokens)"] or 0), "target_tokens_per_epoch": int(sums["sum(n_target)"] or 0),
+                 "rows_unused_per_epoch": rows - spe * global_batch, "dataset": f"train_{i}",
+                 "valid": f"valid_{i}" if n_valid >= tc.num_workers else None}
+        entry["data_spent_target_tokens"] = round(entry["target_tokens_per_epoch"] * ph.epochs)
+        if not rows:
+            log.warning("train: phase %s has no rows; skipped", ph.name)
+        else:
+            datasets[entry["dataset"]] = train
+            if entry["valid"]:
+                datasets[entry["valid"]] = valid
+        plan.append(entry)
+    if not any(p["steps"] for p in plan):
+        raise ConfigError("train: no phase has training rows (check routing, teacher output and the schedule)")
+    return plan, datasets
+
+
+def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) -> str:
+    """Examples (EXAMPLE_SCHEMA, error rows allowed) -> `<out_dir>/model` (HF, LoRA merged),
+    `<out_dir>/adapter` (LoRA), `<out_dir>/train_manifest.json`. Resumes from the checkpoints in
+    `<out_dir>/ray_train` when run again with the same out_dir. Returns the model dir."""
+    import pyarrow.fs as pafs
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from cft_ray.train_loop import train_loop
+
+    tc = cfg.train
+    started = time.time()
+    init_dir = init_from or models.resolve(cfg.student)
+    plan, datasets = phase_datasets(examples, cfg)
+    tok = models.load_tokenizer(cfg.student, init_dir)
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))}
+    if not tc.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    storage = out_dir if "://" in out_dir else os.path.abspath(out_dir)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": tc.model_dump(mode="json"), "plan": plan, "model_dir": init_dir,
+                           "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=tc.resources_per_worker or None),
+        run_config=ray.train.RunConfig(
+            name="ray_train", storage_path=storage, worker_runtime_env={"env_vars": env},
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+        datasets=datasets,
+        # preserve_order makes the split of each phase across workers deterministic, so a resumed
+        # run skips exactly the micro-batches the lost run had consumed.
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True),
+                                            enable_shard_locality=False))
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    fs, out = store._fs(out_dir)
+    fs.create_dir(out, recursive=True)
+    for sub in ("model", "adapter"):
+        src = f"{ckpt.path}/{sub}"
+        if ckpt.filesystem.get_file_info(src).type == pafs.FileType.Directory:
+            fs.create_dir(f"{out}/{sub}", recursive=True)
+            pafs.copy_files(src, f"{out}/{sub}", source_filesystem=ckpt.filesystem, destination_filesystem=fs)
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
+        state = json.loads(f.read())
+    manifest = _manifest(cfg, plan, state, time.time() - started, init_dir)
+    store.write_json(store.join(out_dir, "train_manifest.json"), manifest)
+    log.info("train: %d steps, %.0f tokens/s, MFU %s -> %s", manifest["steps"], manifest["tokens_per_s"],
+             manifest["mfu"], store.join(out_dir, "model"))
+    return store.join(out_dir, "model")
+
+
+def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init_dir: str) -> dict:
+    """Throughput from the surviving history (step compute time only), MFU = model FLOPs / time / peak.
+    FLOPs per token: 6N for full fine-tuning; 4N + 6 x trainable for LoRA (no weight gradients of
+    the frozen base)."""
+    tc, hist = cfg.train, state["history"]
+    tokens = sum(h["tokens"] for h in hist)
+    step_s = sum(h["time_s"] for h in hist)
+    n, trainable = state["params"], state["trainable_params"]
+    flops_per_token = 6 * n if tc.method == "full" else 4 * n + 6 * trainable
+    tps = tokens / step_s if step_s else 0.0
+    mfu = tps * flops_per_token / (tc.peak_tflops * 1e12 * tc.num_workers) if tc.peak_tflops else None
+    phases = []
+    for p in plan:
+        seen = [h for h in hist if h["phase"] == p["name"]]
+        phases.append({**{k: v for k, v in p.items() if k not in ("dataset", "valid")},
+                       "seen_target_tokens": sum(h["target_tokens"] for h in seen),
+                       "valid_loss": state["valid"].get(p["name"])})
+    return {"stage": "train", "config_hash": config_hash(cfg.train), "init_from": init_dir,
+            "method": tc.method, "schedule": tc.schedule, "loss_on": tc.loss_on, "packing": tc.packing,
+            "zero_stage": tc.zero_stage, "precision": tc.precision, "num_workers": tc.num_workers,
+            "effective_batch": tc.num_workers * tc.micro_batch * tc.grad_accum,
+            "steps": state["step"], "params": n, "trainable_params": trainable,
+            "tokens": tokens, "tokens_per_s": round(tps, 2), "step_time_s": round(step_s, 3), "wall_s": round(wall_s, 3),
+            "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": tc.peak_tflops,
+            "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in plan),
+            "phases": phases, "resumes": state["resumes"], "checkpoints": state["checkpoints"],
+            "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
+
+
+def _read_upstream(cfg: CftConfig):
+    """Routed train/valid rows of the split stage and the CoT of the teach stage (None if no cot rows)."""
+    import ray
+
+    split_dir, teach_dir = stage_dir(cfg, "split"), stage_dir(cfg, "teach")
+    if not store.is_done(split_dir):
+        raise RuntimeError(f"split stage not finished ({split_dir}): run `cft-ray split` first")
+    try:
+        from cft_ray.split import load_split
+        rows = load_split(split_dir)
+    except ImportError:
+        rows = ray.data.read_parquet([store.join(split_dir, s) for s in ("train", "valid") if store.exists(store.join(split_dir, s))])
+    if store.is_done(teach_dir):
+        try:
+            from cft_ray.teach import load_cot
+            return rows, load_cot(teach_dir)
+        except ImportError:
+            return rows, ray.data.read_parquet(store.join(teach_dir, "cot"))
+    if "cot" in cfg.split.routing.values():
+        raise RuntimeError(f"teach stage not finished ({teach_dir}): run `cft-ray teach` first")
+    return rows, None
+
+
+def main(cfg: CftConfig) -> str:
+    """Stage entry: train the CAFT recipe (cfg.train) on the split + teach outputs."""
+    from ray.data.expressions import col
+
+    out = stage_dir(cfg, "train")
+    if store.is_done(out):
+        return out
+    started = time.time()
+    rows, cot = _read_upstream(cfg)
+    ex_dir = store.join(out, "examples")
+    if not store.is_done(ex_dir):  # tokenised once; a re-run after a crash goes straight to training
+        store.reset(ex_dir)
+        build_examples(rows, cot, cfg).write_parquet(ex_dir)
+        store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
+    import ray
+    examples = ray.data.read_parquet(ex_dir)
+    errors = examples.filter(expr=col("error").is_not_null())
+    n_in, n_drop = rows.count(), rows.filter(expr=col("treatment") == "drop").count()
+    n_rows, n_err = examples.count(), errors.count()
+    reasons: dict = {}
+    for b in errors.select_columns(["error"]).iter_batches(batch_format="pyarrow"):
+        for r in b["error"].to_pylist():
+            k = r.split("(")[0].strip()
+            reasons[k] = reasons.get(k, 0) + 1
+    n_trunc = int(examples.sum("truncated") or 0) if n_rows else 0
+    model_dir = train(examples, cfg, out)
+    tm = store.read_json(store.join(out, "train_manifest.json"))
+    counts = {"rows_in": n_in, "routed_drop": n_drop, "examples": n_rows, "rows_out": n_rows - n_err, "errors": n_err,
+              "error_reasons": reasons, "truncated": n_trunc}
+    if n_in != n_drop + n_rows:
+        raise RuntimeError(f"train example counts do not reconcile: {counts}")
+    store.finish(out, store.stage_manifest("train", config_hash(cfg.train), started, counts, [
+        ("model_dir", model_dir), ("tokens_per_s", tm["tokens_per_s"]), ("mfu", tm["mfu"]), ("steps", tm["steps"]),
+        ("data_spent_target_tokens", tm["data_spent_target_tokens"]), ("train_manifest", "train_manifest.json")]))
+    return out
+
+
+__all__ = ["EXAMPLE_SCHEMA", "Tokenize", "build_examples", "pack", "phase_datasets", "resolve_phases",
+           "tokenize_examples", "train", "main"]

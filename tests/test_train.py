@@ -1,0 +1,259 @@
+"""Train stage: label masks per chat template, packing, Ray Data example building, and real Ray Train
++ DeepSpeed runs on a tiny model (ZeRO-2 LoRA, ZeRO-3 full fine-tuning through main(), a killed worker)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cft_ray import prompts, store
+from cft_ray.config import load_config, stage_dir
+from cft_ray.train import IGNORE, build_examples, pack, resolve_phases, tokenize_examples
+from conftest import LLAMA3_TEMPLATE, QWEN_TEMPLATE, build_tiny
+
+BUCKETS = ["easy", "medium", "hard"]
+
+
+def routed_rows(n: int = 48) -> list[dict]:
+    """Hand-made output of the split stage: 3 buckets, 1 in 8 rows for validation, hard -> cot."""
+    rows = []
+    for k in range(n):
+        b = BUCKETS[k % 3]
+        rows.append({"item_id": f"i{k}", "question": f"What is {k} + {k}?", "options": [str(2 * k + d) for d in (-1, 0, 1, 2)],
+                     "answer": 1, "subject": "elementary_mathematics", "category": "math", "bucket": b,
+                     "bucket_idx": k % 3, "split": "valid" if k % 8 == 7 else "train",
+                     "treatment": "cot" if b == "hard" else "direct"})
+    return rows
+
+
+def teacher_cot(rows: list[dict]) -> list[dict]:
+    return [{"item_id": r["item_id"], "text": f"{r['question']} Doubling {r['question'].split()[2]} gives option 2. [[2]]"}
+            for r in rows if r["treatment"] == "cot"]
+
+
+@pytest.fixture(scope="module")
+def template_dirs(tmp_path_factory, smollm2_dir, tiny_model_dir):
+    root = tmp_path_factory.mktemp("templates")
+    return {"smollm2": smollm2_dir, "tiny-chatml": tiny_model_dir,
+            "qwen": build_tiny(root / "qwen", smollm2_dir, QWEN_TEMPLATE, layers=1),
+            "llama3": build_tiny(root / "llama3", smollm2_dir, LLAMA3_TEMPLATE, layers=1)}
+
+
+@pytest.mark.parametrize("template", ["smollm2", "tiny-chatml", "qwen", "llama3"])
+def test_label_mask_is_the_assistant_turn(template, template_dirs, items):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(template_dirs[template])
+    pairs = [(prompts.direct_messages(it), prompts.marker(it["answer"])) for it in items]
+    pairs += [(prompts.cot_messages(it), f"Step by step: option {it['answer'] + 1} is right. [[{it['answer'] + 1}]]") for it in items]
+    for (msgs, target), (ids, labels, truncated) in zip(pairs, tokenize_examples(tok, pairs, max_length=4096)):
+        trained = [i for i, x in enumerate(labels) if x != IGNORE]
+        assert trained and not truncated
+        first = trained[0]
+        assert trained == list(range(first, len(ids))), "the trained span is the contiguous end of the example"
+        assert [labels[i] for i in trained] == ids[first:]
+        assert tok.decode(ids[:first]) == prompts.render(tok, msgs), "everything before the span is the prompt"
+        assert tok.decode(ids[first:]).startswith(target), "the span starts with the assistant text"
+    # all-token loss (the paper's setting) trains the prompt too
+    ids, labels, _ = tokenize_examples(tok, pairs[:1], max_length=4096, loss_on="all")[0]
+    assert labels == ids
+
+
+def test_truncation_policies(tiny_model_dir, items):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pair = [(prompts.cot_messages(items[0]), "Because 0 + 0 = 0. " * 10 + "[[2]]")]
+    full, labels, _ = tokenize_examples(tok, pair, max_length=4096)[0]
+    n = len(full) - 20
+    ids, lab, trunc = tokenize_examples(tok, pair, max_length=n, truncation="keep_end")[0]
+    assert trunc and ids == full[-n:] and lab == labels[-n:]
+    ids, lab, trunc = tokenize_examples(tok, pair, max_length=n, truncation="keep_start")[0]
+    assert trunc and ids == full[:n]
+    assert "max_length" in str(tokenize_examples(tok, pair, max_length=n, truncation="drop")[0])
+    # keeping the start of a long prompt leaves no answer token: an error, not a zero-loss row
+    err = tokenize_examples(tok, pair, max_length=10, truncation="keep_start")[0]
+    assert isinstance(err, ValueError) and "no trainable token" in str(err)
+
+
+def test_packed_rows_train_like_separate_rows(tiny_model_dir, items):
+    """Packing is lossless: the summed token loss of a packed sequence equals that of its rows run alone
+    (position resets give a block-diagonal mask; each row's first label is masked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pairs = [(prompts.direct_messages(it), prompts.marker(it["answer"])) for it in items[:5]]
+    res = tokenize_examples(tok, pairs, max_length=4096)
+    t = pa.table({"input_ids": [r[0] for r in res], "labels": [r[1] for r in res],
+                  "n_tokens": [len(r[0]) for r in res], "n_target": [sum(x != IGNORE for x in r[1][1:]) for r in res]})
+    packed = pack(t, max_length=3 * max(len(r[0]) for r in res))
+    assert sum(packed["n_rows"].to_pylist()) == 5 and packed.num_rows < 5
+    assert sum(packed["n_target"].to_pylist()) == sum(t["n_target"].to_pylist())
+
+    def summed_loss(ids, labels, pos=None):
+        with torch.no_grad():
+            kw = {"position_ids": torch.tensor([pos])} if pos is not None else {}
+            return model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), num_items_in_batch=1,
+                         use_cache=False, **kw).loss.item()
+
+    alone = sum(summed_loss(r[0], r[1]) for r in res)
+    together = sum(summed_loss(*row) for row in zip(*(packed[c].to_pylist() for c in ("input_ids", "labels", "position_ids"))))
+    assert together == pytest.approx(alone, rel=1e-6)
+
+
+def test_schedules():
+    cfg = load_config(None, ["train.schedule=curriculum"])
+    assert [p.buckets for p in resolve_phases(cfg.train, BUCKETS)] == [["easy"], ["medium"], ["hard"]]
+    assert [p.treatments for p in resolve_phases(load_config().train, BUCKETS)] == [["direct"], ["cot"]]
+    assert [p.treatments for p in resolve_phases(load_config(None, ["train.schedule=merged"]).train, BUCKETS)] == [["direct", "cot"]]
+    custom = load_config(None, ['train.schedule=custom', 'train.phases=[{name: h, treatments: [cot], buckets: [hard], epochs: 2}]'])
+    assert resolve_phases(custom.train, BUCKETS)[0].epochs == 2
+
+
+def test_build_examples_keeps_errors(ray_local, tiny_model_dir):
+    rows = routed_rows(12)
+    rows[0]["treatment"] = "drop"
+    cot = teacher_cot(rows)[1:]  # the first hard row gets no teacher text
+    cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1"])
+    ex = build_examples(ray_local.data.from_items(rows), ray_local.data.from_items(cot), cfg).to_pandas()
+    assert len(ex) == 11  # the dropped row makes no example, every other row is there
+    bad = ex[ex.error.notna()]
+    assert list(bad.item_id) == ["i2"] and "teacher text" in bad.error.iloc[0]
+    good = ex[ex.error.isna()]
+    assert set(good.kind) == {"direct", "cot"} and (good.n_target > 0).all()
+    assert (good.n_tokens == good.input_ids.map(len)).all()
+    assert set(good[good.kind == "cot"].bucket) == {"hard"}
+
+
+# --- real training runs ------------------------------------------------------------------------
+
+RUN = ["train.micro_batch=2", "train.epochs=3", "train.lr=2e-3", "train.checkpoint_every_steps=5",
+       "train.lora_r=8", "train.lora_alpha=16", "train.precision=fp32", "train.zero_stage=2", "train.max_failures=2"]
+
+
+def _train(ray, model_dir, out, extra=()):
+    from cft_ray.train import train
+
+    rows = routed_rows()
+    cfg = load_config(None, [f"student.name={model_dir}", "train.pool.size=1", *RUN, *extra])
+    ex = build_examples(ray.data.from_items(rows), ray.data.from_items(teacher_cot(rows)), cfg)
+    model = train(ex, cfg, str(out))
+    return model, json.loads((out / "train_manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_local, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return (out, *_train(ray_local, tiny_model_dir, out))
+
+
+@pytest.mark.heavy
+def test_lora_zero2_two_workers(lora_run):
+    out, model_dir, m = lora_run
+    assert m["num_workers"] == 2 and m["zero_stage"] == 2
+    assert m["steps"] == sum(p["steps"] for p in m["phases"]) == len(m["loss_curve"]) == 30
+    direct = [h["loss"] for h in m["loss_curve"] if h["phase"] == "direct"]
+    assert sum(direct[-3:]) / 3 < sum(direct[:3]) / 3 - 0.2, "loss goes down"
+    p = m["phases"][0]
+    assert p["data_spent_target_tokens"] == 3 * p["target_tokens_per_epoch"] > 0
+    assert m["data_spent_target_tokens"] == sum(q["data_spent_target_tokens"] for q in m["phases"])
+    assert m["tokens_per_s"] > 0 and p["valid_loss"] is not None
+    assert [c["step"] for c in m["checkpoints"]] == [5, 10, 15, 20, 25]
+
+
+@pytest.mark.heavy
+def test_export_loads_generates_and_merge_equals_adapter(lora_run, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, model_dir, _ = lora_run
+    assert glob.glob(f"{model_dir}/*.safetensors") and not glob.glob(f"{model_dir}/*.bin")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = tok(prompts.render(tok, prompts.direct_messages(routed_rows(1)[0])), return_tensors="pt")
+    gen = merged.generate(**x, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == x["input_ids"].shape[1] + 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    with torch.no_grad():
+        a, b = adapted(**x).logits, merged(**x).logits
+        untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(**x).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, untrained, atol=1e-3), "training changed the model"
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+@pytest.mark.heavy
+def test_killed_worker_resumes_exactly(ray_local, tiny_model_dir, tmp_path, lora_run):
+    """Kill a worker process after the first checkpoint: Ray Train restarts the group, which resumes at
+    the saved step with the saved optimizer state and ends like the uninterrupted run."""
+    _, _, ref = lora_run
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not glob.glob(str(tmp_path / "ray_train" / "step-*" / "trainer_state.json")):
+            time.sleep(0.05)
+        workers = _train_workers()
+        if workers:
+            workers[-1].kill()
+            killed.append(workers[-1].pid)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    _, m = _train(ray_local, tiny_model_dir, tmp_path)
+    th.join()
+    assert killed and m["resumes"], "a worker was killed and the run resumed"
+    r = m["resumes"][0]
+    saved = {c["step"]: c["fingerprint"] for c in ref["checkpoints"]}
+    assert r["step"] in saved and r["fingerprint"] == r["saved_fingerprint"] == pytest.approx(saved[r["step"]], rel=1e-9)
+    assert m["steps"] == ref["steps"]
+    got, want = [h["loss"] for h in m["loss_curve"]], [h["loss"] for h in ref["loss_curve"]]
+    assert got == pytest.approx(want, rel=1e-5), "same data order and state after the resume"
+
+
+@pytest.mark.heavy
+def test_main_zero3_full_finetune(ray_local, tiny_model_dir, tmp_path):
+    """main() from split/teach stage dirs (Parquet), full fine-tuning under ZeRO-3 in bf16, merged schedule."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"student.name={tiny_model_dir}", "train.pool.size=1",
+                             "train.method=full", "train.zero_stage=3", "train.precision=bf16", "train.schedule=merged",
+                             "train.epochs=1", "train.micro_batch=2", "train.lr=1e-3", "train.checkpoint_every_steps=100"])
+    rows = routed_rows()
+    rows[-1]["treatment"] = "drop"
+    split, teach = stage_dir(cfg, "split"), stage_dir(cfg, "teach")
+    for sub, part in (("train", [r for r in rows if r["split"] == "train"]), ("valid", [r for r in rows if r["split"] == "valid"])):
+        os.makedirs(f"{split}/{sub}")
+        pq.write_table(pa.Table.from_pylist(part), f"{split}/{sub}/part-0.parquet")
+    os.makedirs(f"{teach}/cot")
+    pq.write_table(pa.Table.from_pylist(teacher_cot(rows)[:-1]), f"{teach}/cot/part-0.parquet")
+    for d in (split, teach):
+        store.finish(d, {"stage": "test"})
+    from cft_ray import train as train_stage
+
+    out = train_stage.main(cfg)
+    man = store.read_json(f"{out}/manifest.json")
+    c = man["counts"]
+    assert (c["rows_in"], c["routed_drop"], c["examples"], c["errors"], c["rows_out"]) == (48, 1, 47, 1, 46)
+    m = json.loads(open(f"{out}/train_manifest.json").read())
+    assert m["zero_stage"] == 3 and m["method"] == "full" and m["steps"] == m["phases"][0]["steps"] > 0
+    assert m["trainable_params"] == m["params"]
+    model = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] == 6
+    assert train_stage.main(cfg) == out  # finished: skipped

@@ -125,7 +125,8 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     missing = ROUTED_COLUMNS - set(rows.schema().names)
     if missing:
         raise ValueError(f"routed rows lack columns {sorted(missing)}")
-    routed = rows.filter(expr=col("treatment") != "drop")
+    keep = [c for c in rows.schema().names if c in ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"}]
+    routed = rows.select_columns(keep).filter(expr=col("treatment") != "drop")
     if cot is not None:
         # Hash join: scales to corpora bigger than any one node (needs polars).
         routed = routed.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),
@@ -316,25 +317,19 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
 
 
 def _read_upstream(cfg: CftConfig):
-    """Routed train/valid rows of the split stage and the CoT of the teach stage (None if no cot rows)."""
-    import ray
+    """Routed train + valid rows of the split stage, and the teach stage's CoT (None when nothing is
+    routed to cot and no teach stage ran)."""
+    from cft_ray.split import load_split
+    from cft_ray.teach import load_cot
 
     split_dir, teach_dir = stage_dir(cfg, "split"), stage_dir(cfg, "teach")
     if not store.is_done(split_dir):
-        raise RuntimeError(f"split stage not finished ({split_dir}): run `cft-ray split` first")
-    try:
-        from cft_ray.split import load_split
-        rows = load_split(split_dir)
-    except ImportError:
-        rows = ray.data.read_parquet([store.join(split_dir, s) for s in ("train", "valid") if store.exists(store.join(split_dir, s))])
+        raise ConfigError(f"train: the split stage is not finished ({split_dir}); run `cft-ray split` first")
+    rows = load_split(split_dir, "train").union(load_split(split_dir, "valid"))
     if store.is_done(teach_dir):
-        try:
-            from cft_ray.teach import load_cot
-            return rows, load_cot(teach_dir)
-        except ImportError:
-            return rows, ray.data.read_parquet(store.join(teach_dir, "cot"))
+        return rows, load_cot(teach_dir)
     if "cot" in cfg.split.routing.values():
-        raise RuntimeError(f"teach stage not finished ({teach_dir}): run `cft-ray teach` first")
+        raise ConfigError(f"train: the teach stage is not finished ({teach_dir}); run `cft-ray teach` first")
     return rows, None
 
 

@@ -84,6 +84,7 @@ class ScoreConfig(_Base):
     pool: ActorPool = Field(default_factory=ActorPool, description="Scoring actors.")
     token_budget: int = Field(4096, ge=16, description="Max padded tokens per forward micro-batch: larger = better utilisation, more memory.")
     max_prompt_tokens: int = Field(2048, ge=8, description="Longer prompts go to errors instead of being truncated (a truncated question is a different question).")
+    rows_per_file: int = Field(1024, ge=1, description="Target rows per output Parquet part: larger = fewer files, more rows redone after a crash (resume works per part).")
 
 
 class SplitConfig(_Base):

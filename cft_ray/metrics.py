@@ -41,10 +41,11 @@ def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(max probability, top-1 minus top-2 probability, argmax id)."""
+    """(max probability, top-1 minus top-2 probability, argmax id). The id comes from argmax, which
+    breaks ties towards the lowest id like greedy decoding (ties are common in bf16 logits)."""
     p = torch.softmax(logits.float(), dim=-1)
-    vals, idx = p.topk(2, dim=-1)
-    return vals[..., 0], vals[..., 0] - vals[..., 1], idx[..., 0]
+    vals = p.topk(2, dim=-1).values
+    return vals[..., 0], vals[..., 0] - vals[..., 1], logits.argmax(-1)
 
 
 def confidence(values, direction: str):
@@ -108,7 +109,8 @@ def plot_roc(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: st
             ax.plot(fpr, tpr, lw=1.5, label=f"{m} (AUC {roc_auc(y, df[m], d):.3f})")
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title=f"confidence vs correctness (n={len(y)}, acc={y.mean() if len(y) else float('nan'):.3f})")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path_png, format="png", dpi=110)
     plt.close(fig)
@@ -133,7 +135,8 @@ def plot_hist(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: s
             if sel.any():
                 ax.hist(v[sel], bins=bins, density=True, alpha=0.5, color=c, label=f"{name} ({int(sel.sum())})")
         ax.set_title(m, fontsize=10)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()

@@ -1,0 +1,317 @@
+"""Step 1 (score): the student reads every item once; we keep how unsure its one-token answer is.
+
+`score(ds, cfg)` maps `Scorer` actors (one model copy each) over a Ray Dataset of items and returns
+the items plus score columns (SCORE_FIELDS); `main(cfg)` runs the stage with row-level resume and
+writes `parts/*.parquet`, `manifest.json`, `roc.json`, `roc.png` and `hist.png`.
+
+Speed: the LM head runs on the last position only (`logits_to_keep=1`), so nothing [batch, seq,
+vocab]-sized exists; inside an actor rows are sorted by length and packed into micro-batches of at
+most `score.token_budget` padded tokens, left-padded with explicit position ids (= one-at-a-time
+results). Only scalars leave the actor.
+
+Option labels: a label's tokens are what the tokenizer makes of it right after the generation
+prompt; the metrics use its FIRST token. With digit-splitting tokenizers (SmolLM2, Qwen2.5) the
+labels 10..19 start with the token of "1" and 20 with that of "2": for items with 10+ options under
+`prompt.labels=numbers` the row gets `label_collision=True`, `entropy_options` is then over the
+distinct first tokens and `ce_gold` for gold 10..20 is -log p(first token) (mass shared with 1/2).
+`pred` stays exact: when the argmax is such a shared first token, one more greedy step decides
+between "1" and "1x", as `generate` would. Use `prompt.labels=letters` when >9 options matter.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import re
+import time
+
+import pyarrow as pa
+
+from cft_ray import metrics, store
+from cft_ray.config import CftConfig, ConfigError, stage_dir
+from cft_ray.data import ITEM_SCHEMA
+from cft_ray.prompts import label_to_index, labels, render, score_messages
+
+log = logging.getLogger("cft_ray")
+
+SCORE_FIELDS = [
+    pa.field("entropy", pa.float32()),          # full-vocabulary entropy at the first generated position, nats
+    pa.field("entropy_options", pa.float32()),  # entropy renormalised over the option labels' first tokens
+    pa.field("ce_gold", pa.float32()),          # -log p(gold label's first token), full-vocabulary softmax
+    pa.field("max_prob", pa.float32()),
+    pa.field("margin", pa.float32()),           # top-1 minus top-2 probability
+    pa.field("argmax_id", pa.int64()),
+    pa.field("argmax_token", pa.string()),
+    pa.field("pred", pa.int32()),               # 0-based option; -1 = "0" (unknown) under fallback; null = invalid
+    pa.field("valid", pa.bool_()),              # pred is an option or unknown
+    pa.field("unknown", pa.bool_()),
+    pa.field("correct", pa.bool_()),
+    pa.field("label_collision", pa.bool_()),    # this item's labels share first tokens (see module doc)
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("padded_tokens", pa.int32()),      # length of the micro-batch the row ran in (padding accounting)
+    pa.field("error", pa.string()),             # why the row was not scored; null when scored
+]
+SCORE_SCHEMA = pa.schema([*ITEM_SCHEMA, *SCORE_FIELDS])
+MAX_OPTIONS = 20
+
+
+def label_tokens(tok, scheme: str = "numbers", fallback: bool = False) -> dict[str, list[int]]:
+    """Token ids of every label (1..20 or A..T, plus "0" under fallback) as the model would emit
+    them right after the generation prompt (so template-specific merges are respected)."""
+    prompt = render(tok, score_messages({"question": "?", "options": ["x", "y"]}, scheme, fallback))
+    head = tok(prompt, add_special_tokens=False).input_ids
+    out = {}
+    for lab in labels(MAX_OPTIONS, scheme) + (["0"] if fallback else []):
+        ids = tok(prompt + lab, add_special_tokens=False).input_ids
+        ids = ids[len(head):] if ids[:len(head)] == head else tok(lab, add_special_tokens=False).input_ids
+        if not ids:
+            raise ConfigError(f"tokenizer produces no token for label {lab!r}")
+        out[lab] = ids
+    return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
+class Scorer:
+    """Ray Data actor: a pyarrow batch of items -> the same rows with SCORE_FIELDS appended."""
+
+    def __init__(self, cfg: CftConfig):
+        import torch
+
+        from cft_ray import models
+
+        self.device = models.device_of(cfg.student)
+        if self.device == "cpu":  # one intra-op thread per reserved CPU; more would fight Ray's tasks
+            torch.set_num_threads(max(1, int(cfg.score.pool.num_cpus)))
+        self.tok, self.model = models.load(cfg.student, self.device)
+        self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback
+        self.budget, self.max_tokens = cfg.score.token_budget, cfg.score.max_prompt_tokens
+        self.pad_id = self.tok.pad_token_id
+        first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback).items()}
+        # Per option count n: each label's first token, and the first tokens shared by >1 label.
+        self.first = {n: [first[lab] for lab in labels(n, self.scheme)] for n in range(1, MAX_OPTIONS + 1)}
+        self.shared = {n: {t for t in ids if ids.count(t) > 1} for n, ids in self.first.items()}
+        self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        if not self.keep_arg:
+            log.warning("%s.forward has no logits_to_keep: full logits are computed (more memory)",
+                        type(self.model).__name__)
+        self.max_rows: int | None = None  # set after an out-of-memory error, halved on each one
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(ITEM_SCHEMA.names).to_pylist()
+        res = [{"prompt_tokens": None, "error": None} for _ in rows]
+        texts, todo = [], []
+        for i, r in enumerate(rows):
+            try:
+                texts.append(render(self.tok, score_messages(r, self.scheme, self.fallback)))
+                todo.append(i)
+            except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
+                res[i]["error"] = f"cannot build prompt: {type(e).__name__}: {e}"
+        enc = []
+        for i, ids in zip(todo, self.tok(texts, add_special_tokens=False).input_ids if texts else []):
+            res[i]["prompt_tokens"] = len(ids)
+            if len(ids) > self.max_tokens:
+                res[i]["error"] = f"prompt has {len(ids)} tokens > score.max_prompt_tokens={self.max_tokens}"
+            else:
+                enc.append((i, ids))
+        enc.sort(key=lambda e: -len(e[1]))  # longest first: an OOM shows up on the first micro-batch
+        pos = 0
+        while pos < len(enc):
+            n = max(1, self.budget // len(enc[pos][1]))
+            chunk = enc[pos:pos + min(n, self.max_rows or n)]
+            try:
+                self._score(chunk, rows, res)
+            except Exception as e:  # noqa: BLE001 - OOM shrinks the batch; anything else is isolated per row
+                if _is_oom(e) and len(chunk) > 1:
+                    self.max_rows = max(1, len(chunk) // 2)
+                    log.warning("out of memory on %d rows x %d tokens: micro-batches now <= %d rows",
+                                len(chunk), len(chunk[0][1]), self.max_rows)
+                    self._free()
+                    continue
+                for one in chunk if len(chunk) > 1 else []:
+                    try:
+                        self._score([one], rows, res)
+                    except Exception as e1:  # noqa: BLE001
+                        res[one[0]]["error"] = f"scoring failed: {type(e1).__name__}: {e1}"[:500]
+                if len(chunk) == 1:
+                    res[chunk[0][0]]["error"] = f"scoring failed: {type(e).__name__}: {e}"[:500]
+                self._free()
+            pos += len(chunk)
+        return self._table(batch, rows, res)
+
+    def _free(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _forward(self, ids, mask, position_ids, use_cache=False, past=None):
+        kw = {"logits_to_keep": 1} if self.keep_arg else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=past, use_cache=use_cache, **kw)
+        return out.logits[:, -1].float(), out.past_key_values
+
+    def _score(self, chunk: list[tuple[int, list[int]]], rows: list[dict], res: list[dict]) -> None:
+        import torch
+
+        width = len(chunk[0][1])
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (_, t) in enumerate(chunk):
+            ids[j, width - len(t):] = torch.tensor(t)
+            mask[j, width - len(t):] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ns = [len(rows[i]["options"]) for i, _ in chunk]
+        opt = torch.zeros((len(chunk), MAX_OPTIONS), dtype=torch.long)
+        opt_mask = torch.zeros((len(chunk), MAX_OPTIONS), dtype=torch.bool)
+        for j, n in enumerate(ns):
+            uniq = list(dict.fromkeys(self.first[n]))  # shared first tokens count once
+            opt[j, :len(uniq)] = torch.tensor(uniq)
+            opt_mask[j, :len(uniq)] = True
+        gold = torch.tensor([self.first[n][rows[i]["answer"]] for n, (i, _) in zip(ns, chunk)])
+        two_step = any(self.shared[n] for n in ns)
+        dev = self.model.device
+        with torch.inference_mode():
+            logits, past = self._forward(ids.to(dev), mask.to(dev), position_ids.to(dev),
+                                         use_cache=two_step)
+            h = metrics.entropy(logits)
+            h_opt = metrics.subset_entropy(logits, opt.to(dev), opt_mask.to(dev))
+            ce = metrics.nll(logits, gold.to(dev))
+            pmax, margin, arg = metrics.top2(logits)
+            arg_l = arg.tolist()
+            second = [None] * len(chunk)
+            if two_step and any(a in self.shared[n] for a, n in zip(arg_l, ns)):
+                # A shared first token ("1" of 1 and 10..19): one greedy step more, as generate would.
+                nxt, _ = self._forward(arg[:, None], torch.cat([mask, torch.ones_like(mask[:, :1])], 1).to(dev),
+                                       position_ids[:, -1:].to(dev) + 1, use_cache=True, past=past)
+                second = [b if a in self.shared[n] else None
+                          for a, b, n in zip(arg_l, nxt.argmax(-1).tolist(), ns)]
+        for j, (i, _) in enumerate(chunk):
+            first_text = self.tok.decode([arg_l[j]])
+            text = first_text if second[j] is None else self.tok.decode([arg_l[j], second[j]])
+            pred = self._parse(text, ns[j])
+            res[i].update(entropy=h[j].item(), entropy_options=h_opt[j].item(), ce_gold=ce[j].item(),
+                          max_prob=pmax[j].item(), margin=margin[j].item(), argmax_id=arg_l[j],
+                          argmax_token=first_text, pred=pred, padded_tokens=width)
+
+    def _parse(self, text: str, n: int) -> int | None:
+        if self.scheme == "numbers":  # "1" + "." -> "1"; "1" + "0" -> "10"
+            m = re.match(r"\s*(\d+)", text)
+            text = m.group(1) if m else text
+        return label_to_index(text, n, self.scheme, self.fallback)
+
+    def _table(self, batch: pa.Table, rows: list[dict], res: list[dict]) -> pa.Table:
+        for r, row in zip(res, rows):
+            pred = r.get("pred")
+            r["valid"] = pred is not None
+            r["unknown"] = pred == -1
+            r["correct"] = pred is not None and pred == row["answer"]
+            r["label_collision"] = bool(self.shared[len(row["options"])]) if row["options"] else False
+        cols = [batch.column(f.name).cast(f.type) for f in ITEM_SCHEMA]
+        cols += [pa.array([r.get(f.name) for r in res], f.type) for f in SCORE_FIELDS]
+        return pa.Table.from_arrays(cols, schema=SCORE_SCHEMA)
+
+
+def score(ds, cfg: CftConfig):
+    """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool per config."""
+    import ray
+
+    pool = cfg.score.pool
+    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
+    compute = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+    # Blocks of one batch: upstream files may be one big block, which would feed a single actor.
+    ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+    return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg}, batch_size=pool.batch_size,
+                          batch_format="pyarrow", compute=compute, num_cpus=pool.num_cpus,
+                          num_gpus=pool.num_gpus, resources=pool.resources or None)
+
+
+def load_scores(score_dir: str, include_invalid: bool = False):
+    """The scored rows of a finished score stage as a Ray Dataset: by default the rows splitting
+    uses (scored, valid, not unknown); include_invalid=True gives every row, errors included."""
+    from ray.data.expressions import col
+
+    ds = store.read_parts(store.join(score_dir, "parts"))
+    return ds if include_invalid else ds.filter(expr=col("valid") & ~col("unknown"))
+
+
+DIAG_COLUMNS = ["item_id", "subject", "category", "valid", "unknown", "correct", "label_collision",
+                "prompt_tokens", "padded_tokens", "error", *metrics.SCORE_METRICS]
+
+
+def _diagnostics(out: str, df) -> dict:
+    """roc.json, roc.png, hist.png over the valid rows; returns the overall summary."""
+    import fsspec
+
+    ok = df[df["valid"] & ~df["unknown"]]
+    report = metrics.roc_report(ok)
+    report["rows"] = {"scored": int(df["error"].isna().sum()), "used": int(len(ok))}
+    store.write_json(store.join(out, "roc.json"), report)
+    for name, plot in (("roc.png", metrics.plot_roc), ("hist.png", metrics.plot_hist)):
+        buf = io.BytesIO()
+        plot(ok, buf)
+        with fsspec.open(store.join(out, name), "wb") as f:
+            f.write(buf.getvalue())
+    return report["overall"]
+
+
+def main(cfg: CftConfig) -> str:
+    """Stage entry: score the data stage's items into `stage_dir(cfg, "score")`, resuming by row."""
+    import pandas as pd
+    import ray
+
+    from cft_ray.data import load_items
+
+    upstream = stage_dir(cfg, "data")
+    if not store.is_done(upstream):
+        raise ConfigError(f"score: the data stage is not finished ({upstream}); run `cft-ray data prepare` "
+                          "with the same config first")
+    out = stage_dir(cfg, "score")
+    if store.is_done(out):
+        log.info("score: %s is finished, skipping", out)
+        return out
+    started = time.time()
+    parts = store.join(out, "parts")
+    items = load_items(upstream)
+    rows_in = items.count()
+    todo, n_done = store.pending(items, parts)
+    earlier = {f.rsplit("/", 1)[-1] for f in store.part_files(parts)}
+    if n_done:
+        log.info("score: resuming, %d of %d rows already scored", n_done, rows_in)
+    if n_done < rows_in:
+        score(todo, cfg).write_parquet(parts, min_rows_per_file=cfg.score.rows_per_file)
+    score_s = time.time() - started
+
+    files = store.part_files(parts)
+    ds = ray.data.read_parquet(files, include_paths=True).select_columns([*DIAG_COLUMNS, "path"])
+    df = pd.concat([b.to_pandas() for b in ray.get(ds.to_arrow_refs())], ignore_index=True)
+    n_ids = df["item_id"].nunique()
+    if len(df) != n_ids or n_ids != rows_in:
+        raise RuntimeError(f"score: {len(df)} rows / {n_ids} ids written for {rows_in} items (resume mismatch)")
+    new = df[~df["path"].str.rsplit("/", n=1).str[-1].isin(earlier)]
+    tokens, padded = int(new["prompt_tokens"].where(new["error"].isna()).sum()), int(new["padded_tokens"].sum())
+    errors = int(df["error"].notna().sum())
+    counts = {"rows_in": rows_in, "rows_out": rows_in - errors, "errors": errors, "resumed": n_done,
+              "valid": int(df["valid"].sum()), "invalid": int((~df["valid"] & df["error"].isna()).sum()),
+              "unknown": int(df["unknown"].sum()), "correct": int(df["correct"].sum()),
+              "label_collision": int(df["label_collision"].sum())}
+    overall = _diagnostics(out, df)
+    throughput = {"rows_scored": int(len(new)), "rows_per_s": round(len(new) / score_s, 3),
+                  "tokens_per_s": round(tokens / score_s, 1),
+                  "padding_waste": round(1 - tokens / padded, 4) if padded else None}
+    manifest = store.stage_manifest("score", out.rsplit("-", 1)[-1], started, counts, [
+        ("model", cfg.student.model_dump(mode="json")), ("prompt", cfg.prompt.model_dump(mode="json")),
+        ("score", cfg.score.model_dump(mode="json")), ("upstream", upstream),
+        ("durations_s", {"score": round(score_s, 3), "total": round(time.time() - started, 3)}),
+        ("throughput", throughput), ("accuracy", overall["accuracy"]), ("roc_auc", overall["auc"]),
+        ("error_reasons", {k: int(v) for k, v in df["error"].dropna().str.replace(r"\d+", "N", regex=True)
+                          .str[:80].value_counts().items()})])
+    store.finish(out, manifest)
+    log.info("score: %d rows (%d errors), %.1f rows/s, %.0f tokens/s, AUC %s", rows_in, errors,
+             throughput["rows_per_s"], throughput["tokens_per_s"], overall["auc"])
+    return out

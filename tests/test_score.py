@@ -1,0 +1,285 @@
+"""Score stage: label-token mapping, parity with HF generate, OOM back-off, errors, actor pools, resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cft_ray import data, metrics, score, store
+from cft_ray.config import ConfigError, load_config, stage_dir
+from cft_ray.prompts import render, score_messages
+
+from conftest import LLAMA3_TEMPLATE
+
+# Parity tolerances. fp32: batched left-padded forward vs one-at-a-time generate agree to ~1e-5
+# (summation order only). bf16: the same forward agrees exactly when unpadded, but matmul shapes
+# change with padding, so entropies move by up to ~0.15 nats on SmolLM2 (bf16 rounding, not a bug).
+FP32_ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # Scorer sets the thread count of the process it lives in
+    yield
+    torch.set_num_threads(n)
+
+
+def _items(n: int, start: int = 0, long_every: int = 0) -> list[dict]:
+    """Arithmetic items of varied length; every `long_every`-th one has a long question."""
+    out = []
+    for k in range(start, start + n):
+        pad = " Think about it carefully." * (40 if long_every and k % long_every == 0 else k % 7)
+        out.append({"item_id": f"q{k:04d}", "question": f"What is {k} + {k}?{pad}",
+                    "options": [str(2 * k + d) for d in (-1, 0, 1, 2)], "answer": 1,
+                    "subject": ["math", "arith", None][k % 3], "category": ["stem", "stem", None][k % 3],
+                    "source": "test"})
+    return out
+
+
+def _table(items: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=data.ITEM_SCHEMA)
+
+
+def _cfg(model_dir, *over, run_dir="runs/x"):
+    return load_config(None, [f"student.name={model_dir}", "student.dtype=float32", f"run_dir={run_dir}", *over])
+
+
+def _reference(model, tok, item, gen_tokens=1):
+    """What HF generate gives for one item, unpadded: (logits of step 1, generated ids)."""
+    ids = tok(render(tok, score_messages(item)), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        g = model.generate(**ids, max_new_tokens=gen_tokens, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    return g.scores[0][0].float(), g.sequences[0, ids.input_ids.shape[1]:].tolist()
+
+
+def _check_parity(model_dir, items, atol):
+    scorer = score.Scorer(_cfg(model_dir))
+    got = scorer(_table(items)).to_pylist()
+    digit = [scorer.tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+    for it, row in zip(items, got):
+        logits, _ = _reference(scorer.model, scorer.tok, it)
+        p = torch.softmax(logits, -1)
+        n = len(it["options"])
+        opt = torch.tensor(digit[:min(n, 9)])  # labels 10.. share the first token "1"
+        q = torch.softmax(logits[opt], -1)
+        gold = digit[it["answer"]] if it["answer"] < 9 else digit[0]
+        assert row["error"] is None
+        assert row["argmax_id"] == int(logits.argmax())
+        assert row["entropy"] == pytest.approx(-(p * torch.log(p + 1e-12)).sum().item(), abs=atol)
+        assert row["entropy_options"] == pytest.approx(-(q * torch.log(q + 1e-12)).sum().item(), abs=atol)
+        assert row["ce_gold"] == pytest.approx(-torch.log(p[gold]).item(), abs=atol, rel=1e-4)
+        assert row["max_prob"] == pytest.approx(p.max().item(), abs=atol)
+        assert row["label_collision"] == (n >= 10)
+        assert row["padded_tokens"] >= row["prompt_tokens"]
+    return got
+
+
+def test_label_tokens_numbers_letters_and_multidigit(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    num = score.label_tokens(tok, "numbers", fallback=True)
+    first = {lab: ids[0] for lab, ids in num.items()}
+    assert len({first[str(k)] for k in range(1, 10)} | {first["0"]}) == 10  # 0..9: one token each
+    assert [tok.decode(i) for i in num["10"]] == ["1", "0"]  # SmolLM2 splits digits
+    assert first["10"] == first["1"] and first["20"] == first["2"]  # the collision the stage handles
+    let = score.label_tokens(tok, "letters")
+    assert all(len(ids) == 1 for ids in let.values()) and len({i[0] for i in let.values()}) == 20
+    tok.chat_template = LLAMA3_TEMPLATE  # template-independent: the label follows the generation header
+    assert score.label_tokens(tok, "letters") == let
+
+
+def test_parity_with_generate_tiny_model(tiny_model_dir, items):
+    mixed = items + _items(5, start=100)  # 4 and 10 options, lengths 60..170 tokens: padding is exercised
+    got = _check_parity(tiny_model_dir, mixed, FP32_ATOL)
+    assert any(r["padded_tokens"] > r["prompt_tokens"] for r in got)
+
+
+@pytest.mark.heavy
+def test_parity_with_generate_smollm2(smollm2_dir):
+    src = data.package_file(*data.EMBEDDED["embedded:mmlu"][:2])
+    recs = [json.loads(line) for line in src.read_text().splitlines()[1:40]]
+    recs = [r for r in recs if r["correct_answer"] in "ABCD"][:6]
+    items = [{"item_id": str(i), "question": r["question"], "options": [r[f"answer_{c}"] for c in "abcd"],
+              "answer": "ABCD".index(r["correct_answer"]), "subject": r["topic"], "category": r["topic"],
+              "source": "mmlu"} for i, r in enumerate(recs)]
+    got = _check_parity(smollm2_dir, items, FP32_ATOL)
+    assert all(r["valid"] for r in got)  # SmolLM2 answers with a digit
+
+
+def _collision_model(out_dir, tok_dir, second: str):
+    """1-layer Llama rigged so greedy decoding says "1" then `second`: it tests the 10..19 labels."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, mlp_bias=True, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    one, nxt = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids(second)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.bias.zero_()[0] = 1e3  # every position leans to direction 0 ...
+        model.model.embed_tokens.weight[one] = 0
+        model.model.embed_tokens.weight[one, 1] = 1e5  # ... except after reading "1": direction 1
+        model.lm_head.weight[one] = 0
+        model.lm_head.weight[one, 0] = 10.0  # direction 0 -> "1"
+        model.lm_head.weight[nxt] = 0
+        model.lm_head.weight[nxt, 1] = 10.0  # direction 1 -> `second`
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.mark.parametrize("second,ten_pred", [("0", 9), (".", 0)])
+def test_multidigit_label_resolved_like_generate(tmp_path, tiny_model_dir, items, second, ten_pred):
+    model_dir = _collision_model(tmp_path / "m", tiny_model_dir, second)
+    scorer = score.Scorer(_cfg(model_dir))
+    four, ten = items[0], items[-1]
+    got = scorer(_table([four, ten])).to_pylist()
+    _, gen = _reference(scorer.model, scorer.tok, ten, gen_tokens=2)
+    assert scorer.tok.decode(gen) == "1" + second  # what generate writes
+    assert got[1]["argmax_token"] == "1" and got[1]["pred"] == ten_pred and got[1]["label_collision"]
+    assert got[0]["argmax_token"] == "1" and got[0]["pred"] == 0 and not got[0]["label_collision"]
+    assert got[1]["correct"] == (ten_pred == ten["answer"])
+
+
+class _OomScorer(score.Scorer):
+    """Raises the real torch OOM error on micro-batches larger than `limit` rows."""
+    limit = 2
+
+    def _forward(self, ids, *a, **k):
+        if ids.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {ids.shape[0]} rows)")
+        return super()._forward(ids, *a, **k)
+
+
+def test_oom_halves_micro_batch_and_results_unchanged(tiny_model_dir, items):
+    cfg = _cfg(tiny_model_dir, "score.token_budget=100000")
+    ref = score.Scorer(cfg)(_table(items)).to_pylist()
+    s = _OomScorer(cfg)
+    got = s(_table(items)).to_pylist()
+    assert s.max_rows is not None and s.max_rows <= 2
+    assert all(r["error"] is None for r in got)
+    for a, b in zip(ref, got):
+        assert a["item_id"] == b["item_id"] and a["argmax_id"] == b["argmax_id"]
+        assert a["entropy"] == pytest.approx(b["entropy"], abs=FP32_ATOL)
+    s.limit = 0  # even one row does not fit: the rows become error records, the batch survives
+    got = s(_table(items[:3])).to_pylist()
+    assert [r["item_id"] for r in got] == [it["item_id"] for it in items[:3]]
+    assert all(r["error"].startswith("scoring failed: OutOfMemoryError") and not r["valid"] for r in got)
+
+
+def _prepare(tmp_path, items, n_files, *over):
+    """Run the real data stage on `items` spread over `n_files` JSONL files; returns (cfg overrides)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(n_files):
+        with open(src / f"part{f:03d}.jsonl", "w") as fh:
+            for it in items[f::n_files]:
+                fh.write(json.dumps({k: it[k] for k in ("item_id", "question", "options", "answer", "subject",
+                                                         "category")}) + "\n")
+    common = [f"data.source={src}", "data.columns.item_id=item_id", "data.columns.subject=subject",
+              "data.columns.category=category", f"run_dir={tmp_path / 'run'}", *over]
+    data.main(load_config(None, common))
+    return common
+
+
+def test_stage_errors_manifest_diagnostics_and_load_scores(ray_local, tmp_path, tiny_model_dir):
+    items = _items(40, long_every=9)  # 5 items with ~300-token prompts
+    common = _prepare(tmp_path, items, 3, f"student.name={tiny_model_dir}", "student.dtype=float32",
+                      "score.max_prompt_tokens=250", "score.pool.num_cpus=0.5", "score.pool.batch_size=8")
+    cfg = load_config(None, common)
+    with pytest.raises(ConfigError, match="data prepare"):
+        score.main(load_config(None, [*common, "data.limit=5"]))  # upstream of that config never ran
+    out = score.main(cfg)
+    assert out == stage_dir(cfg, "score") and store.is_done(out)
+    rows = pq.read_table(store.join(out, "parts")).to_pylist()
+    assert sorted(r["item_id"] for r in rows) == sorted(it["item_id"] for it in items)  # nothing lost
+    long_ids = {it["item_id"] for it in items if len(it["question"]) > 500}
+    errs = {r["item_id"]: r for r in rows if r["error"] is not None}
+    assert set(errs) == long_ids
+    assert all("> score.max_prompt_tokens=250" in r["error"] and r["prompt_tokens"] > 250 and not r["valid"]
+               and r["entropy"] is None for r in errs.values())
+    m = store.read_json(store.join(out, "manifest.json"))
+    c = m["counts"]
+    assert c["rows_in"] == 40 and c["errors"] == len(long_ids) and c["rows_out"] + c["errors"] == c["rows_in"]
+    assert c["valid"] == sum(r["valid"] for r in rows) and c["correct"] == sum(r["correct"] for r in rows)
+    assert m["throughput"]["rows_scored"] == 40 and 0 <= m["throughput"]["padding_waste"] < 1
+    assert m["throughput"]["tokens_per_s"] > 0 and m["model"]["name"] == tiny_model_dir
+    assert list(m["error_reasons"].values()) == [len(long_ids)]
+    roc = store.read_json(store.join(out, "roc.json"))
+    used = [r for r in rows if r["valid"] and not r["unknown"]]
+    assert roc["overall"]["n"] == len(used) and set(roc["overall"]["auc"]) == set(metrics.SCORE_METRICS)
+    assert set(roc["by_subject"]) <= {"math", "arith", "<none>"}
+    for png in ("roc.png", "hist.png"):
+        assert (tmp_path / "run" / os.path.basename(out) / png).read_bytes()[:4] == b"\x89PNG"
+    ok = score.load_scores(out).take_all()
+    assert sorted(r["item_id"] for r in ok) == sorted(r["item_id"] for r in used)
+    assert score.load_scores(out, include_invalid=True).count() == 40
+    mtime = os.path.getmtime(store.join(out, "manifest.json"))
+    assert score.main(cfg) == out and os.path.getmtime(store.join(out, "manifest.json")) == mtime  # skipped
+
+
+def test_two_actors_equal_one_actor(ray_local, tmp_path, tiny_model_dir):
+    items = _items(48)
+    common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
+                      "score.pool.num_cpus=0.5", "score.pool.batch_size=8")
+    runs = {}
+    for size in (1, 2):
+        cfg = load_config(None, [*common, f"score.pool.size={size}"])
+        ds = data.load_items(stage_dir(cfg, "data"))
+        runs[size] = sorted(score.score(ds, cfg).take_all(), key=lambda r: r["item_id"])
+    assert [r["item_id"] for r in runs[1]] == sorted(it["item_id"] for it in items)
+    for a, b in zip(runs[1], runs[2]):
+        assert a["item_id"] == b["item_id"] and a["pred"] == b["pred"] and a["argmax_id"] == b["argmax_id"]
+        for m in metrics.SCORE_METRICS:
+            assert a[m] == pytest.approx(b[m], abs=FP32_ATOL)
+
+
+@pytest.mark.heavy
+def test_resume_after_killed_run_scores_every_item_once(ray_local, tmp_path, tiny_model_dir):
+    items = _items(600)
+    common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
+                      "score.pool.num_cpus=0.5", "score.pool.batch_size=4", "score.token_budget=64",
+                      "score.rows_per_file=8")
+    cfg = load_config(None, common)
+    out = stage_dir(cfg, "score")
+    parts = store.join(out, "parts")
+    addr = ray_local.get_runtime_context().gcs_address
+    # The real CLI as a separate driver on the same cluster, SIGKILLed once some parts are on disk.
+    proc = subprocess.Popen([sys.executable, "-m", "cft_ray.cli", "score", *common, f"ray.address={addr}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(store.part_files(parts)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    seen: list = []
+    while True:  # the dead driver's workers are reaped asynchronously: wait for the directory to settle
+        time.sleep(1.5)
+        now = sorted(os.listdir(parts))
+        if now == seen:
+            break
+        seen = now
+    done_before = sum(pq.read_metadata(f).num_rows for f in store.part_files(parts))
+    assert 0 < done_before < len(items), "the run was not interrupted halfway; make it slower"
+    assert not store.is_done(out)
+    with open(os.path.join(parts, "zz-half-written.parquet"), "wb") as f:
+        f.write(b"PAR1 truncated")  # what a writer killed mid-file leaves behind
+    assert score.main(cfg) == out
+    ids = pq.read_table(parts, columns=["item_id"])["item_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(items)
+    m = store.read_json(store.join(out, "manifest.json"))
+    assert m["counts"]["resumed"] == done_before and m["throughput"]["rows_scored"] == len(items) - done_before
+    assert not os.path.exists(os.path.join(parts, "zz-half-written.parquet"))

@@ -9,8 +9,9 @@ Difficulty is the metric (entropy, entropy_options, ce_gold) or 1 - metric for c
 (max_prob, margin): bucket 0 is always the easiest. Cut points are exact order statistics of the
 pool's difficulty, from one global Ray Data sort streamed through the driver a block at a time (the
 driver keeps only the requested values): quantile buckets have exact sizes, except for rows tied at
-a cut value. The normalisation max is a Ray Data aggregate. Bucket i holds cuts[i-1] <= norm <
-cuts[i]: both bounds, so every bucketed row is in exactly one bucket.
+a cut value. The normalisation max is the sort's last value (a Ray Data Max aggregate when fixed
+thresholds need no sort). Bucket i holds cuts[i-1] <= x < cuts[i], x = difficulty for quantile
+cuts (exact), x = norm for fixed thresholds: both bounds, every bucketed row in exactly one bucket.
 
 Output (stage dir): train/ valid/ test/ test_balanced/ excluded/ Parquet, split.json,
 distribution.png, manifest.json. Rows = the scored columns + norm, bucket, bucket_idx, split,
@@ -139,11 +140,14 @@ def fit(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[
         plan["grid"], plan["grid_ranks"] = vals[len(cut_pos):].tolist(), (grid_pos / max(n - 1, 1)).tolist()
         plan["rank_error"] = float(np.diff(grid_pos).max(initial=1) - 1) / max(n - 1, 1)
     plan["quantiles"] = list(qs) if qs else None
-    plan["cuts"] = normalise(vals[:len(cut_pos)], plan).tolist() if qs else list(cfg.thresholds)
-    # The same cuts on the metric's own scale, for people reading split.json.
-    d_cuts = (np.asarray(plan["cuts"]) * plan["scale"] if cfg.normalize == "max"
-              else np.interp(plan["cuts"], plan["grid_ranks"], plan["grid"]))
-    plan["cuts_metric"] = (1.0 - d_cuts if is_confidence(cfg) else d_cuts).tolist()
+    if qs:
+        plan["cuts_d"] = vals[:len(cut_pos)].tolist()
+        plan["cuts"] = normalise(vals[:len(cut_pos)], plan).tolist()
+    else:  # fixed thresholds are on the normalised scale; their difficulty values are for reading
+        plan["cuts"] = list(cfg.thresholds)
+        plan["cuts_d"] = (np.asarray(cfg.thresholds) * plan["scale"] if cfg.normalize == "max"
+                          else np.interp(cfg.thresholds, plan["grid_ranks"], plan["grid"])).tolist()
+    plan["cuts_metric"] = [1.0 - c for c in plan["cuts_d"]] if is_confidence(cfg) else plan["cuts_d"]
     return plan
 
 
@@ -154,7 +158,10 @@ def label(t: pa.Table, plan: dict) -> pa.Table:
     u_keep, u_valid = t["_u_keep"].to_numpy(), t["_u_valid"].to_numpy()
     unassigned = role == "excluded"
     norm = normalise(d, plan)
-    b = np.searchsorted(np.asarray(plan["cuts"]), np.nan_to_num(norm), side="right")
+    # Quantile cuts decide on the difficulty itself (a division could merge nearby values and move
+    # a row across an order statistic); fixed thresholds are defined on the normalised scale.
+    b = (np.searchsorted(np.asarray(plan["cuts_d"]), np.nan_to_num(d), side="right") if plan["quantiles"]
+         else np.searchsorted(np.asarray(plan["cuts"]), np.nan_to_num(norm), side="right"))
     names = np.array(plan["buckets"], dtype=object)
     treat = np.array([plan["routing"][x] for x in plan["buckets"]], dtype=object)
     pool, test = role == "pool", role == "test"

@@ -70,7 +70,7 @@ def prepare(t: pa.Table, cfg: SplitConfig) -> pa.Table:
     # Later checks win: a scoring error explains more than the invalid answer it also produced.
     for on, mask, why in (("unknown" in cfg.exclude, _bools(t["unknown"]), "unknown answer"),
                           ("invalid" in cfg.exclude, ~_bools(t["valid"]), "invalid answer"),
-                          (True, np.isnan(d), "metric is null"),
+                          (True, ~np.isfinite(d), "metric is null or not finite"),
                           (True, t["error"].is_valid().to_numpy(zero_copy_only=False), "score error")):
         if on:
             reason[mask] = why
@@ -182,24 +182,30 @@ def label(t: pa.Table, plan: dict) -> pa.Table:
     return t
 
 
+def _counts(t: pa.Table, keys: list[str]) -> pa.Table:
+    return t.select(keys).group_by(keys).aggregate([([], "count_all")])
+
+
+def _merge(grouped: Iterable[pa.Table], keys: list[str]) -> dict[tuple, int]:
+    out: dict[tuple, int] = {}
+    for t in grouped:
+        for row in t.to_pylist():
+            k = tuple(row[c] for c in keys)
+            out[k] = out.get(k, 0) + row["count_all"]
+    return out
+
+
 def _tally(ds, keys: list[str]) -> dict[tuple, int]:
     """Row counts by `keys` in one Ray Data pass (only per-batch partial counts reach the driver);
     the key `_bin` is the histogram bin of `norm` over [0, 1], values outside clipped into the ends."""
     import ray
 
     def part(t: pa.Table) -> pa.Table:
-        if "_bin" in keys:
-            norm = _floats(t["norm"])
-            bins = np.clip(np.floor(np.nan_to_num(norm) * _BINS), 0, _BINS - 1).astype(np.int32)
-            t = t.append_column("_bin", pa.array(bins, mask=np.isnan(norm)))
-        return t.select(keys).group_by(keys).aggregate([([], "count_all")])
+        norm = _floats(t["norm"])
+        bins = np.clip(np.floor(np.nan_to_num(norm) * _BINS), 0, _BINS - 1).astype(np.int32)
+        return _counts(t.append_column("_bin", pa.array(bins, mask=np.isnan(norm))), keys)
 
-    out: dict[tuple, int] = {}
-    for t in ray.get(ds.map_batches(part, batch_format="pyarrow").to_arrow_refs()):
-        for row in t.to_pylist():
-            k = tuple(row[c] for c in keys)
-            out[k] = out.get(k, 0) + row["count_all"]
-    return out
+    return _merge(ray.get(ds.map_batches(part, batch_format="pyarrow").to_arrow_refs()), keys)
 
 
 def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str, int], float]:
@@ -342,13 +348,7 @@ def _file_tally(path: str, keys: list[str]) -> dict[tuple, int]:
     """Counts by `keys` of the Parquet written under `path`, streamed on the driver (reads only `keys`)."""
     import pyarrow.dataset as pds
 
-    out: dict[tuple, int] = {}
-    for batch in pds.dataset(path, format="parquet").to_batches(columns=keys):
-        g = pa.Table.from_batches([batch]).group_by(keys).aggregate([([], "count_all")])
-        for row in g.to_pylist():
-            k = tuple(row[c] for c in keys)
-            out[k] = out.get(k, 0) + row["count_all"]
-    return out
+    return _merge((_counts(pa.Table.from_batches([b]), keys) for b in pds.dataset(path, format="parquet").to_batches(columns=keys)), keys)
 
 
 def _plot(path: str, plan: dict, title: str) -> None:

@@ -155,12 +155,13 @@ def test_draws_are_uniform_and_independent():
        st.sampled_from([["invalid", "unknown"], ["invalid"], []]))
 def test_invalid_unknown_error_rows_are_counted_not_lost(flags, exclude):
     valid, unknown, error, null = (np.array(x) for x in zip(*flags))
-    d = np.where(null, np.nan, np.arange(len(flags), dtype=float))
+    n = len(flags)
+    d = np.where(null, np.where(np.arange(n) % 2 == 0, np.nan, np.inf), np.arange(n, dtype=float))  # null or inf
     t = table(d, valid=valid, unknown=unknown, error=np.where(error, "boom", None))
     cfg = SplitConfig(exclude=exclude, test_fraction=0.0)
     prepared = sp.prepare(t, cfg)
     reason = prepared["reason"].to_pylist()
-    expect = [("score error" if e else "metric is null" if nu else "invalid answer" if ("invalid" in exclude and not v)
+    expect = [("score error" if e else "metric is null or not finite" if nu else "invalid answer" if ("invalid" in exclude and not v)
                else "unknown answer" if ("unknown" in exclude and u) else None)
               for v, u, e, nu in zip(valid, unknown, error, null)]
     assert reason == expect

@@ -411,9 +411,8 @@ def main(cfg: CftConfig) -> str:
         raise ConfigError(f"split stage not finished: {split_dir} (run `cft-ray split` first)")
     started, t = time.time(), cfg.teach
     items = load_split(split_dir, "train").union(load_split(split_dir, "valid")).filter(expr=col("treatment") == "cot")
-    ids = pa.concat_tables(items.select_columns(["item_id"]).iter_batches(batch_format="pyarrow")) \
-        if items.count() else pa.table({"item_id": pa.array([], pa.string())})
-    ids = ids["item_id"].combine_chunks()
+    ids = pa.chunked_array([b["item_id"] for b in items.select_columns(["item_id"]).iter_batches(batch_format="pyarrow")],
+                           pa.string()).combine_chunks()
     rounds = t.samples if t.policy == "resample" else 1
     todo, gen_s, new_out = ids, 0.0, 0
     for r in range(rounds):

@@ -433,7 +433,7 @@ def _summary(cfg: SplitConfig, plan: dict, files: dict[str, dict[tuple, int]], r
                  "rule": "held out first: keyed BLAKE2b(seed, item_id) < fraction, of the bucketable rows"},
         "test_balanced": {"per_bucket": plan["balanced_per_bucket"],
                           "rule": "each test bucket down-sampled to the smallest (lowest keyed hash first)"},
-        "valid_fraction": cfg.valid_fraction,
+        "valid": {"fraction": cfg.valid_fraction, "rule": "after the cap: keyed BLAKE2b draw < fraction (seeded, per row)"},
         "cap_per_bucket": cfg.cap_per_bucket,
         "routing": plan["routing"],
         "sizes": sizes,

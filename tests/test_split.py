@@ -310,13 +310,15 @@ def test_ray_split_outputs_reconcile_and_respect_every_rule(default_run):
 
 @pytest.mark.heavy
 def test_ray_split_same_seed_same_split_whatever_the_block_layout(default_run, tmp_path):
+    """Another block layout, through the CLI, with rank normalisation: quantile buckets are decided
+    on the metric, so every row's fate is the same; norm becomes the exact pool rank."""
     from cft_ray import cli
 
     cfg, data, out = default_run
-    other = load_config(None, [f"run_dir={tmp_path}", *CAP])
-    fake_score_stage(other, data, parts=7)
-    assert cli.main(["split", f"run_dir={tmp_path}", *CAP]) == 0
-    again = stage_dir(other, "split")
+    over = [f"run_dir={tmp_path}", *CAP, "split.normalize=rank"]
+    fake_score_stage(load_config(None, over), data, parts=7)
+    assert cli.main(["split", *over]) == 0
+    again = stage_dir(load_config(None, over), "split")
 
     def fate(d):
         rows = [r for name in ("train", "valid", "test", "excluded") for r in read(d, name).select(["item_id", "bucket", "split"]).to_pylist()]
@@ -324,6 +326,12 @@ def test_ray_split_same_seed_same_split_whatever_the_block_layout(default_run, t
 
     assert fate(again) == fate(out)
     assert sorted(read(again, "test_balanced")["item_id"].to_pylist()) == sorted(read(out, "test_balanced")["item_id"].to_pylist())
+    prepared = sp.prepare(data, cfg.split)
+    pool = np.sort(prepared["_d"].to_numpy()[prepared["_role"].to_numpy(zero_copy_only=False) == "pool"])
+    train = read(again, "train")
+    exact = np.searchsorted(pool, train["entropy"].to_numpy().astype(np.float64), side="left") / (len(pool) - 1)
+    assert np.allclose(train["norm"].to_numpy(), exact)
+    assert json.loads(open(f"{again}/split.json").read())["normaliser"]["max_rank_error"] == 0
 
 
 @pytest.mark.heavy

@@ -86,7 +86,7 @@ def roc_report(df, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "cor
               "overall": _summary(df, metrics, label)}
     for g in groups:
         if g in df:
-            keyed = df.assign(**{g: df[g].fillna("<none>")})
+            keyed = df.assign(**{g: df[g].astype(object).fillna("<none>")})
             report[f"by_{g}"] = {str(k): _summary(part, metrics, label) for k, part in keyed.groupby(g, sort=True)}
     return report
 

@@ -26,6 +26,7 @@ import re
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cft_ray import metrics, store
 from cft_ray.config import CftConfig, ConfigError, stage_dir
@@ -91,6 +92,7 @@ class Scorer:
         self.tok, self.model = models.load(cfg.student, self.device)
         self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback
         self.budget, self.max_tokens = cfg.score.token_budget, cfg.score.max_prompt_tokens
+        self.max_padding = cfg.score.max_padding
         self.pad_id = self.tok.pad_token_id
         first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback).items()}
         # Per option count n: each label's first token, and the first tokens shared by >1 label.
@@ -122,8 +124,13 @@ class Scorer:
         enc.sort(key=lambda e: -len(e[1]))  # longest first: an OOM shows up on the first micro-batch
         pos = 0
         while pos < len(enc):
-            n = max(1, self.budget // len(enc[pos][1]))
-            chunk = enc[pos:pos + min(n, self.max_rows or n)]
+            width = len(enc[pos][1])
+            rows_max = self.budget // width if self.max_rows is None else min(self.budget // width, self.max_rows)
+            stop = min(len(enc), pos + max(1, rows_max))
+            end = pos + 1
+            while end < stop and len(enc[end][1]) >= width * (1 - self.max_padding):
+                end += 1
+            chunk = enc[pos:end]
             try:
                 self._score(chunk, rows, res)
             except Exception as e:  # noqa: BLE001 - OOM shrinks the batch; anything else is isolated per row
@@ -191,13 +198,13 @@ class Scorer:
                                        position_ids[:, -1:].to(dev) + 1, use_cache=True, past=past)
                 second = [b if a in self.shared[n] else None
                           for a, b, n in zip(arg_l, nxt.argmax(-1).tolist(), ns)]
-        for j, (i, _) in enumerate(chunk):
+        cols = zip(h.tolist(), h_opt.tolist(), ce.tolist(), pmax.tolist(), margin.tolist())  # one sync each
+        for j, ((i, _), (h_j, ho_j, ce_j, p_j, m_j)) in enumerate(zip(chunk, cols)):
             first_text = self.tok.decode([arg_l[j]])
             text = first_text if second[j] is None else self.tok.decode([arg_l[j], second[j]])
-            pred = self._parse(text, ns[j])
-            res[i].update(entropy=h[j].item(), entropy_options=h_opt[j].item(), ce_gold=ce[j].item(),
-                          max_prob=pmax[j].item(), margin=margin[j].item(), argmax_id=arg_l[j],
-                          argmax_token=first_text, pred=pred, padded_tokens=width)
+            res[i].update(entropy=h_j, entropy_options=ho_j, ce_gold=ce_j, max_prob=p_j, margin=m_j,
+                          argmax_id=arg_l[j], argmax_token=first_text, pred=self._parse(text, ns[j]),
+                          padded_tokens=width)
 
     def _parse(self, text: str, n: int) -> int | None:
         if self.scheme == "numbers":  # "1" + "." -> "1"; "1" + "0" -> "10"
@@ -262,7 +269,6 @@ def _diagnostics(out: str, df) -> dict:
 
 def main(cfg: CftConfig) -> str:
     """Stage entry: score the data stage's items into `stage_dir(cfg, "score")`, resuming by row."""
-    import pandas as pd
     import ray
 
     from cft_ray.data import load_items
@@ -287,13 +293,16 @@ def main(cfg: CftConfig) -> str:
         score(todo, cfg).write_parquet(parts, min_rows_per_file=cfg.score.rows_per_file)
     score_s = time.time() - started
 
-    files = store.part_files(parts)
-    ds = ray.data.read_parquet(files, include_paths=True).select_columns([*DIAG_COLUMNS, "path"])
-    df = pd.concat([b.to_pandas() for b in ray.get(ds.to_arrow_refs())], ignore_index=True)
-    n_ids = df["item_id"].nunique()
-    if len(df) != n_ids or n_ids != rows_in:
-        raise RuntimeError(f"score: {len(df)} rows / {n_ids} ids written for {rows_in} items (resume mismatch)")
-    new = df[~df["path"].str.rsplit("/", n=1).str[-1].isin(earlier)]
+    # Small columns to the driver (~40 bytes a row as Arrow + categoricals): counts and diagnostics.
+    ds = ray.data.read_parquet(store.part_files(parts), include_paths=True).select_columns([*DIAG_COLUMNS, "path"])
+    t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    n_ids = pc.count_distinct(t["item_id"]).as_py()
+    if t.num_rows != n_ids or n_ids != rows_in:
+        raise RuntimeError(f"score: {t.num_rows} rows / {n_ids} ids written for {rows_in} items (resume mismatch)")
+    is_new = pc.invert(pc.is_in(pc.replace_substring_regex(t["path"], r"^.*/", ""), pa.array(sorted(earlier), pa.string())))
+    df = t.drop(["item_id", "path"]).append_column("new", is_new).to_pandas(strings_to_categorical=True)
+    del t
+    new = df[df["new"]]
     tokens, padded = int(new["prompt_tokens"].where(new["error"].isna()).sum()), int(new["padded_tokens"].sum())
     errors = int(df["error"].notna().sum())
     counts = {"rows_in": rows_in, "rows_out": rows_in - errors, "errors": errors, "resumed": n_done,
@@ -309,7 +318,7 @@ def main(cfg: CftConfig) -> str:
         ("score", cfg.score.model_dump(mode="json")), ("upstream", upstream),
         ("durations_s", {"score": round(score_s, 3), "total": round(time.time() - started, 3)}),
         ("throughput", throughput), ("accuracy", overall["accuracy"]), ("roc_auc", overall["auc"]),
-        ("error_reasons", {k: int(v) for k, v in df["error"].dropna().str.replace(r"\d+", "N", regex=True)
+        ("error_reasons", {k: int(v) for k, v in df["error"].dropna().astype(str).str.replace(r"\d+", "N", regex=True)
                           .str[:80].value_counts().items()})])
     store.finish(out, manifest)
     log.info("score: %d rows (%d errors), %.1f rows/s, %.0f tokens/s, AUC %s", rows_in, errors,

@@ -1,0 +1,229 @@
+"""Score stage benchmark: the same N real MMLU items scored three ways with the student, side by side.
+
+    .venv/bin/python bench/score.py [--n 300] [--threads 2] [--rss 1000,10000] [--rss-model tiny]
+
+(a) reference: HF `generate(max_new_tokens=1, output_scores=True)`, one item at a time (the usual
+    research-code way); (b) padded batches in random order computing the full [batch, seq, vocab]
+    logits; (c) the cft-ray `Scorer` (length-sorted micro-batches under a token budget, last-position
+    LM head), in-process with the same threads. Device and dtype come from the student config, so on a
+    GPU box the same script shows the GPU gap. Then a matmul microbenchmark on the model's linear
+    shapes gives this machine's attainable FLOP/s, and (c)'s model FLOP/s is reported as a fraction
+    of it (FLOPs per item = 2 x linear params x T + 2 x layers x T^2 x hidden + 2 x hidden x vocab).
+Finally the real stage (`cft-ray data prepare` + `cft-ray score`, fresh local Ray) runs on 1k and 10k
+items while the summed PSS of its process tree is sampled: streaming means the peak must not grow
+with the corpus (by default with a tiny random model, so the pipeline's own memory is what shows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import pyarrow as pa
+import torch
+
+from cft_ray import metrics, models
+from cft_ray.config import DataConfig, load_config
+from cft_ray.data import ITEM_SCHEMA, normalize, resolve_source
+from cft_ray.prompts import render, score_messages
+from cft_ray.score import Scorer
+
+
+def mmlu_items(n: int, seed: int = 0) -> list[dict]:
+    files, cols = resolve_source(DataConfig())
+    path = files[0][0]
+    items = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            try:
+                it = normalize(json.loads(line), cols, DataConfig())
+            except ValueError:
+                continue  # the junk header rows
+            items.append({**it, "source": f"mmlu:{i}"})
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def reference(tok, model, items):
+    """(a) one item at a time through generate; returns the step-1 entropy of each item."""
+    out = []
+    for it in items:
+        ids = tok(render(tok, score_messages(it)), add_special_tokens=False, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            g = model.generate(**ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+        out.append(metrics.entropy(g.scores[0][0]).item())
+    return out
+
+
+def padded_full_logits(tok, model, items, batch=16, seed=0):
+    """(b) random-order padded batches, full logits (what a plain `model(**batch)` loop does)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    texts = [render(tok, score_messages(items[i])) for i in order]
+    tok.padding_side = "left"
+    padded = 0
+    for s in range(0, len(texts), batch):
+        enc = tok(texts[s:s + batch], add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+        padded += enc.input_ids.numel()
+        pos = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(**enc, position_ids=pos).logits  # [batch, seq, vocab]
+            metrics.entropy(logits[:, -1])
+    return padded
+
+
+def flops_per_item(model, tokens: int) -> float:
+    c = model.config
+    lin = sum(m.weight.numel() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    return 2 * lin * tokens + 2 * c.num_hidden_layers * tokens**2 * c.hidden_size + 2 * c.hidden_size * c.vocab_size
+
+
+def matmul_peak(model, m_tokens: int, dtype, reps: int = 5) -> float:
+    """FLOP/s of F.linear on the model's per-layer weight shapes at m_tokens rows, FLOP-weighted."""
+    layer = model.model.layers[0]
+    shapes = [tuple(mod.weight.shape) for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    flops = secs = 0.0
+    for out_f, in_f in shapes:
+        x = torch.randn(m_tokens, in_f, dtype=dtype, device=model.device)
+        w = torch.randn(out_f, in_f, dtype=dtype, device=model.device)
+        torch.nn.functional.linear(x, w)  # warm-up
+        _, t = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(reps)])
+        flops += 2 * m_tokens * in_f * out_f * reps
+        secs += t
+    return flops / secs
+
+
+def tree_pss(root: psutil.Process) -> int:
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def stage_peak_memory(n: int, model_dir: str, run_dir: str) -> tuple[float, float, dict]:
+    """(peak summed PSS in MB, seconds, manifest throughput) of `cft-ray score` on n items."""
+    cli = [sys.executable, "-m", "cft_ray.cli"]
+    common = [f"data.limit={n}", f"run_dir={run_dir}", f"student.name={model_dir}", "ray.num_cpus=2"]
+    subprocess.run([*cli, "data", "prepare", *common], check=True, capture_output=True)
+    proc = psutil.Popen([*cli, "score", *common], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_pss(proc))
+            time.sleep(0.5)
+
+    th = threading.Thread(target=watch, daemon=True)
+    t = time.time()
+    th.start()
+    out, _ = proc.communicate()
+    took = time.time() - t
+    stop.set()
+    th.join()
+    if proc.returncode:
+        raise RuntimeError(f"cft-ray score failed on {n} items")
+    out_dir = out.strip().rsplit("output: ", 1)[-1]
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        return peak[0] / 2**20, took, json.load(f)["throughput"]
+
+
+def tiny_model(out_dir: str, tokenizer_dir: str) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="items for (b) and (c)")
+    ap.add_argument("--n-ref", type=int, default=100, help="items for (a), the slow reference")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16, help="batch size of (b)")
+    ap.add_argument("--rss", default="1000,10000", help="corpus sizes for the memory run ('' to skip)")
+    ap.add_argument("--rss-model", default="tiny", help="'tiny' (random 2-layer Llama) or 'student'")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. student.dtype=float32 score.token_budget=8192")
+    args = ap.parse_args()
+    cfg = load_config(None, [f"score.pool.num_cpus={args.threads}", *args.overrides])
+    torch.set_num_threads(args.threads)
+    items = mmlu_items(args.n)
+    dtype = getattr(torch, cfg.student.dtype)
+    print(f"model {cfg.student.name} {cfg.student.dtype} on {models.device_of(cfg.student)}, "
+          f"{args.threads} threads, {len(items)} MMLU items, token_budget {cfg.score.token_budget}")
+
+    scorer = Scorer(cfg)  # also what (a) and (b) use: the same weights, dtype and device
+    tok, model = scorer.tok, scorer.model
+    table = pa.Table.from_pylist(items, schema=ITEM_SCHEMA)
+    # warm-up: kernel selection and first-touch allocations happen outside the timings
+    scorer(table.slice(0, 8)), reference(tok, model, items[:2]), padded_full_logits(tok, model, items[:args.batch])
+    rows = []
+    scored, t_c = timed(lambda: [r for s in range(0, len(items), cfg.score.pool.batch_size)
+                                 for r in scorer(table.slice(s, cfg.score.pool.batch_size)).to_pylist()])
+    n_ref = min(args.n_ref, len(items))
+    ref, t_a = timed(lambda: reference(tok, model, items[:n_ref]))
+    padded_b, t_b = timed(lambda: padded_full_logits(tok, model, items, args.batch))
+    tokens = sum(r["prompt_tokens"] for r in scored)
+    padded_c = sum(r["padded_tokens"] for r in scored)
+    for name, n, t, padded in (("(a) generate, 1 at a time", n_ref, t_a, None),
+                               (f"(b) padded batches of {args.batch}, random order, full logits", len(items), t_b, padded_b),
+                               ("(c) cft-ray Scorer", len(items), t_c, padded_c)):
+        tok_n = tokens * n / len(items)
+        rows.append((name, n / t, tok_n / t, None if padded is None else 1 - tokens / padded))
+    print(f"\n| method | items/s | tokens/s | padding waste | vs (a) |\n|---|---|---|---|---|")
+    for name, ips, tps, waste in rows:
+        print(f"| {name} | {ips:.2f} | {tps:.0f} | {'-' if waste is None else f'{waste:.1%}'} | {ips / rows[0][1]:.2f}x |")
+    print(f"(c)/(b) = {rows[2][1] / rows[1][1]:.2f}x")
+    dh = max(abs(a - b["entropy"]) for a, b in zip(ref, scored))
+    print(f"(c) vs (a) entropy max |diff| {dh:.3g} nats over {n_ref} items ({cfg.student.dtype}; padding changes matmul shapes)")
+
+    flops = sum(flops_per_item(model, r["prompt_tokens"]) for r in scored)
+    achieved = flops / t_c
+    budget_rows = cfg.score.token_budget
+    peak = matmul_peak(model, budget_rows, dtype)
+    peak_1 = matmul_peak(model, max(1, tokens // len(items)), dtype)
+    print(f"\nmatmul on the model's linear shapes ({cfg.student.dtype}, {args.threads} threads): "
+          f"{peak / 1e12:.2f} TFLOP/s at {budget_rows} rows, {peak_1 / 1e12:.2f} at {tokens // len(items)} rows")
+    print(f"(c) achieved {achieved / 1e12:.2f} TFLOP/s = {achieved / peak:.0%} of the matmul figure "
+          f"((a): {flops / len(items) * n_ref / t_a / 1e12:.2f} TFLOP/s)")
+
+    sizes = [int(s) for s in args.rss.split(",") if s]
+    if sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = tiny_model(os.path.join(tmp, "tiny"), models.resolve(cfg.student)) \
+                if args.rss_model == "tiny" else cfg.student.name
+            print(f"\n| items | peak PSS, process tree (MB) | wall s | rows/s | tokens/s | padding waste |\n|---|---|---|---|---|---|")
+            peaks = []
+            for n in sizes:
+                mb, took, thr = stage_peak_memory(n, model_dir, os.path.join(tmp, f"run{n}"))
+                peaks.append(mb)
+                print(f"| {n} | {mb:.0f} | {took:.0f} | {thr['rows_per_s']} | {thr['tokens_per_s']} | {thr['padding_waste']} |")
+            print(f"peak memory ratio {sizes[-1]} / {sizes[0]} items: {peaks[-1] / peaks[0]:.2f}x "
+                  f"(model: {args.rss_model})")
+
+
+if __name__ == "__main__":
+    main()

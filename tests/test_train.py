@@ -205,8 +205,14 @@ def test_killed_worker_resumes_exactly(ray_local, tiny_model_dir, tmp_path, lora
     killed = []
 
     def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not glob.glob(str(tmp_path / "ray_train" / "step-*" / "trainer_state.json")):
+        # wait until Ray Train has committed a checkpoint (all ranks reported), not just uploaded one
+        snapshot, deadline = tmp_path / "ray_train" / "checkpoint_manager_snapshot.json", time.time() + 600
+        while time.time() < deadline:
+            try:
+                if json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"].startswith("step-"):
+                    break
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
             time.sleep(0.05)
         workers = _train_workers()
         if workers:

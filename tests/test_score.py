@@ -118,8 +118,8 @@ def test_parity_with_generate_smollm2(smollm2_dir):
     assert all(r["valid"] for r in got)  # SmolLM2 answers with a digit
 
 
-def _collision_model(out_dir, tok_dir, second: str):
-    """1-layer Llama rigged so greedy decoding says "1" then `second`: it tests the 10..19 labels."""
+def _rigged_model(out_dir, tok_dir, first: str, second: str):
+    """1-layer Llama rigged so greedy decoding says `first` then `second`, whatever the prompt."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -128,31 +128,37 @@ def _collision_model(out_dir, tok_dir, second: str):
                       num_attention_heads=4, num_key_value_heads=2, mlp_bias=True, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
-    one, nxt = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids(second)
+    a, b = tok.convert_tokens_to_ids(first), tok.convert_tokens_to_ids(second)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.bias.zero_()[0] = 1e3  # every position leans to direction 0 ...
-        model.model.embed_tokens.weight[one] = 0
-        model.model.embed_tokens.weight[one, 1] = 1e5  # ... except after reading "1": direction 1
-        model.lm_head.weight[one] = 0
-        model.lm_head.weight[one, 0] = 10.0  # direction 0 -> "1"
-        model.lm_head.weight[nxt] = 0
-        model.lm_head.weight[nxt, 1] = 10.0  # direction 1 -> `second`
+        model.model.embed_tokens.weight[a] = 0
+        model.model.embed_tokens.weight[a, 1] = 1e5  # ... except after reading `first`: direction 1
+        model.lm_head.weight[[a, b]] = 0
+        model.lm_head.weight[a, 0] = 10.0  # direction 0 -> `first`
+        model.lm_head.weight[b, 1] = 10.0  # direction 1 -> `second`
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return str(out_dir)
 
 
-@pytest.mark.parametrize("second,ten_pred", [("0", 9), (".", 0)])
-def test_multidigit_label_resolved_like_generate(tmp_path, tiny_model_dir, items, second, ten_pred):
-    model_dir = _collision_model(tmp_path / "m", tiny_model_dir, second)
-    scorer = score.Scorer(_cfg(model_dir))
+@pytest.mark.parametrize("over,first,second,pred_four,pred_ten", [
+    ([], "1", "0", 0, 9),       # "10": label 10 of the 10-option item (the multi-digit collision) ...
+    ([], "1", ".", 0, 0),       # ... "1.": label 1; 4 options never look past the first token
+    (["prompt.fallback=true"], "0", ".", -1, -1),  # "0" = unknown under fallback
+    (["prompt.labels=letters"], "C", ".", 2, 2),
+])
+def test_answer_parsing_matches_generate(tmp_path, tiny_model_dir, items, over, first, second, pred_four, pred_ten):
+    scorer = score.Scorer(_cfg(_rigged_model(tmp_path / "m", tiny_model_dir, first, second), *over))
     four, ten = items[0], items[-1]
     got = scorer(_table([four, ten])).to_pylist()
-    _, gen = _reference(scorer.model, scorer.tok, ten, gen_tokens=2)
-    assert scorer.tok.decode(gen) == "1" + second  # what generate writes
-    assert got[1]["argmax_token"] == "1" and got[1]["pred"] == ten_pred and got[1]["label_collision"]
-    assert got[0]["argmax_token"] == "1" and got[0]["pred"] == 0 and not got[0]["label_collision"]
-    assert got[1]["correct"] == (ten_pred == ten["answer"])
+    ids = scorer.tok(render(scorer.tok, score_messages(ten, scorer.scheme, scorer.fallback)),
+                     add_special_tokens=False, return_tensors="pt")
+    gen = scorer.model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=scorer.tok.pad_token_id)
+    assert scorer.tok.decode(gen[0, ids.input_ids.shape[1]:]) == first + second  # what generate writes
+    for row, pred, item in ((got[0], pred_four, four), (got[1], pred_ten, ten)):
+        assert row["argmax_token"] == first and row["pred"] == pred and row["valid"]
+        assert row["unknown"] == (pred == -1) and row["correct"] == (pred == item["answer"])
+    assert got[1]["label_collision"] == (scorer.scheme == "numbers") and not got[0]["label_collision"]
 
 
 class _OomScorer(score.Scorer):
@@ -196,10 +202,19 @@ def _prepare(tmp_path, items, n_files, *over):
     return common
 
 
-def test_stage_errors_manifest_diagnostics_and_load_scores(ray_local, tmp_path, tiny_model_dir):
-    items = _items(40, long_every=9)  # 5 items with ~300-token prompts
-    common = _prepare(tmp_path, items, 3, f"student.name={tiny_model_dir}", "student.dtype=float32",
-                      "score.max_prompt_tokens=250", "score.pool.num_cpus=0.5", "score.pool.batch_size=8")
+STAGE_ITEMS = _items(40, long_every=9)  # 5 items with ~300-token prompts
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory, tiny_model_dir):
+    """A finished data stage of STAGE_ITEMS (the config overrides that reach it)."""
+    return _prepare(tmp_path_factory.mktemp("stage"), STAGE_ITEMS, 2, f"student.name={tiny_model_dir}",
+                    "student.dtype=float32", "score.pool.num_cpus=0.5", "score.pool.batch_size=8")
+
+
+def test_stage_errors_manifest_diagnostics_and_load_scores(prepared, tiny_model_dir):
+    items = STAGE_ITEMS
+    common = [*prepared, "score.max_prompt_tokens=250"]
     cfg = load_config(None, common)
     with pytest.raises(ConfigError, match="data prepare"):
         score.main(load_config(None, [*common, "data.limit=5"]))  # upstream of that config never ran
@@ -224,7 +239,7 @@ def test_stage_errors_manifest_diagnostics_and_load_scores(ray_local, tmp_path, 
     assert roc["overall"]["n"] == len(used) and set(roc["overall"]["auc"]) == set(metrics.SCORE_METRICS)
     assert set(roc["by_subject"]) <= {"math", "arith", "<none>"}
     for png in ("roc.png", "hist.png"):
-        assert (tmp_path / "run" / os.path.basename(out) / png).read_bytes()[:4] == b"\x89PNG"
+        assert open(store.join(out, png), "rb").read(4) == b"\x89PNG"
     ok = score.load_scores(out).take_all()
     assert sorted(r["item_id"] for r in ok) == sorted(r["item_id"] for r in used)
     assert score.load_scores(out, include_invalid=True).count() == 40
@@ -232,10 +247,9 @@ def test_stage_errors_manifest_diagnostics_and_load_scores(ray_local, tmp_path, 
     assert score.main(cfg) == out and os.path.getmtime(store.join(out, "manifest.json")) == mtime  # skipped
 
 
-def test_two_actors_equal_one_actor(ray_local, tmp_path, tiny_model_dir):
-    items = _items(48)
-    common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
-                      "score.pool.num_cpus=0.5", "score.pool.batch_size=8")
+def test_two_actors_equal_one_actor(prepared):
+    items = STAGE_ITEMS
+    common = [*prepared, "score.pool.batch_size=4"]  # 10 batches to share out
     runs = {}
     for size in (1, 2):
         cfg = load_config(None, [*common, f"score.pool.size={size}"])
@@ -250,7 +264,7 @@ def test_two_actors_equal_one_actor(ray_local, tmp_path, tiny_model_dir):
 
 @pytest.mark.heavy
 def test_resume_after_killed_run_scores_every_item_once(ray_local, tmp_path, tiny_model_dir):
-    items = _items(600)
+    items = _items(240)
     common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
                       "score.pool.num_cpus=0.5", "score.pool.batch_size=4", "score.token_budget=64",
                       "score.rows_per_file=8")

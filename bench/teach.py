@@ -126,6 +126,8 @@ def main() -> None:
         print(f"| {name} | {tps:.1f} | {tps / base:.2f} |")
     print(f"(n={args.n} prompts, {args.max_tokens} new tokens each, greedy; vLLM engine start {start:.0f} s)\n", flush=True)
 
+    if not args.hard:
+        return
     # Parse rate and correctness on the hardest items, with and without the format constraint.
     hard = hardest(tok, model, mmlu_items(args.pool, skip=args.n), args.hard)
     hp = [render(tok, teacher_messages(it)) for it in hard]

@@ -204,13 +204,13 @@ class OpenAITeacher:
     429/5xx/timeouts/garbage bodies are retried with jittered exponential backoff; after
     `teach.max_retries` the row gets an `error` (a failure row, never a hang or a lost row)."""
 
-    def __init__(self, cfg: CftConfig):
+    def __init__(self, cfg: CftConfig, api_key: str | None = None):
         t = cfg.teach
         if not t.base_url:
             raise ConfigError("teach.base_url: the openai backend needs an endpoint, e.g. http://host:8000/v1")
         self.cfg, self.t = cfg, t
         self.model = t.api_model or t.model.name
-        key = os.environ.get(t.api_key_env)
+        key = api_key or os.environ.get(t.api_key_env)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def __call__(self, t: pa.Table) -> pa.Table:
@@ -334,8 +334,10 @@ def teach(ds, cfg: CftConfig, sample_idx: int = 0):
     if t.backend == "vllm":
         out = _vllm(ds, cfg)
     else:
-        cls = HFTeacher if t.backend == "hf" else OpenAITeacher
-        out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg}, batch_size=t.pool.batch_size,
+        # The driver's key travels as a constructor argument (never in logs or runtime_env, which the
+        # dashboard shows); workers already started on a cluster may not have the driver's env.
+        cls, kwargs = (HFTeacher, {}) if t.backend == "hf" else (OpenAITeacher, {"api_key": os.environ.get(t.api_key_env)})
+        out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, **kwargs}, batch_size=t.pool.batch_size,
                              batch_format="pyarrow", compute=_compute(t.pool), num_cpus=t.pool.num_cpus,
                              num_gpus=t.pool.num_gpus, resources=t.pool.resources or None)
     return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": cfg.prompt.labels},

@@ -224,8 +224,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in headers:
             self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client timed out first (the 'slow' kind): expected
+            pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -278,7 +281,7 @@ def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_serv
     make_split(cfg, items, set(kinds))
     t0 = time.time()
     out = teach.main(cfg)
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 300  # generous: Ray start-up on a loaded box; the bound is the attempts below
     s = {r["item_id"]: r for r in samples_of(out)}
     assert set(s) == set(kinds)
     assert {k for k, r in s.items() if r["correct"]} == {"ok", "flaky429", "flaky500"}
@@ -286,6 +289,7 @@ def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_serv
     assert FakeOpenAI.attempts["flaky429"] == 3 and FakeOpenAI.attempts["flaky500"] == 3
     assert FakeOpenAI.attempts["dead"] == 4 and FakeOpenAI.attempts["garbage"] == 4   # 1 + max_retries
     assert FakeOpenAI.attempts["bad"] == 1                                            # 4xx: no retry
+    assert FakeOpenAI.attempts["slow"] == 4                                           # timed out, retried, gave up
     assert s["dead"]["error"].startswith("engine error: HTTP 503")
     assert "malformed" in s["garbage"]["error"] and "Timeout" in s["slow"]["error"]
     fails = {r["item_id"]: r["reason"] for r in read_dir(store.join(out, "failures"))}

@@ -1,0 +1,301 @@
+"""Step 5: the experiment arms, each trained on the same train ids and evaluated on the same test sets.
+
+An arm is a rewrite of the split's `treatment` column plus a schedule:
+  base            no training
+  sft             every row direct                         (one shuffled phase)
+  distill         every row CoT                            (one shuffled phase)
+  caft            the split's routing (hard -> CoT)         (train.schedule: paper's two phases)
+  curriculum      every row direct, easy -> medium -> hard  (one phase per bucket)
+  random_routing  CoT on a seeded random subset of the size of caft's CoT set, direct elsewhere
+  instructdiff    the InstructDiff selection, direct        (cft_ray/select.py)
+Arms share the scored data, the split and the teacher's outputs: the teach stage generates once for
+the union of the rows any requested arm routes to CoT. Rows whose teacher output was not kept train
+direct in every arm (counted as `cot_fallback`).
+
+Evaluation modes: `direct` reads the argmax over the option labels at the first answer position
+(after "[["; cheap, exact); `generate` decodes (greedy unless configured) and parses the last [[k]],
+unparseable = wrong. Direct-trained arms use the direct prompt, CoT-trained arms the CoT prompt.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from cft_ray import store
+from cft_ray.config import CftConfig, ConfigError, config_hash, stage_dir
+
+log = logging.getLogger("cft_ray")
+
+COT_ARMS = {"distill", "caft", "random_routing"}  # arms whose model answers with reasoning
+RECIPES = {  # arm -> train.schedule
+    "sft": "merged", "distill": "merged", "caft": None, "curriculum": "curriculum",
+    "random_routing": None, "instructdiff": "merged",
+}
+PRED_SCHEMA = pa.schema([
+    pa.field("item_id", pa.string()), pa.field("bucket", pa.string()), pa.field("category", pa.string()),
+    pa.field("subject", pa.string()), pa.field("answer", pa.int32()), pa.field("pred", pa.int32()),
+    pa.field("correct", pa.bool_()), pa.field("text", pa.string()), pa.field("completion_tokens", pa.int32()),
+    pa.field("error", pa.string()),
+])
+
+
+def _cot_share(cfg: CftConfig) -> bool:
+    return "cot" in cfg.split.routing.values()
+
+
+def needs_teacher(cfg: CftConfig) -> bool:
+    return any(a in ("distill", "random_routing") or (a == "caft" and _cot_share(cfg)) for a in cfg.arms)
+
+
+def prompt_kind(cfg: CftConfig, arm: str) -> str:
+    """Which prompt an arm is evaluated with: the one it was trained on."""
+    if arm == "caft":
+        return "cot" if _cot_share(cfg) else "direct"
+    return "cot" if arm in COT_ARMS else "direct"
+
+
+def arm_cfg(cfg: CftConfig, arm: str) -> CftConfig:
+    schedule = RECIPES.get(arm)
+    return cfg if schedule is None else cfg.model_copy(update={"train": cfg.train.model_copy(update={"schedule": schedule})})
+
+
+def arm_dirs(cfg: CftConfig) -> dict[str, tuple[str | None, str]]:
+    """arm -> (train dir or None for base, eval dir); keyed by everything upstream + train + eval."""
+    base = stage_dir(cfg, "teach").rsplit("/", 1)[-1]
+    out = {}
+    for arm in cfg.arms:
+        tcfg = arm_cfg(cfg, arm)
+        t = None if arm == "base" else store.join(cfg.run_dir, f"train-{arm}-{config_hash(base, tcfg.train, arm)}")
+        e = store.join(cfg.run_dir, f"eval-{arm}-{config_hash(base, tcfg.train, cfg.eval, arm)}")
+        out[arm] = (t, e)
+    return out
+
+
+# ------------------------------------------------------------------------------------ routing per arm
+
+def random_cot_ids(rows_ids: list[str], n: int, seed: int) -> set[str]:
+    """A seeded random subset of exactly n ids (lowest keyed hash first: independent of row order)."""
+    from cft_ray.split import unit_hashes
+
+    if n <= 0:
+        return set()
+    h = unit_hashes(rows_ids, seed)
+    return {rows_ids[i] for i in np.argsort(h, kind="stable")[:n]}
+
+
+def arm_rows(rows, arm: str, cfg: CftConfig, random_ids: set[str] | None = None):
+    """The split's train+valid rows with `treatment` rewritten for `arm`."""
+    import ray
+
+    if arm == "caft":
+        return rows
+    ref = ray.put(random_ids or set())
+
+    def rewrite(t: pa.Table) -> pa.Table:
+        ids = t["item_id"].to_pylist()
+        if arm == "distill":
+            tr = ["cot"] * len(ids)
+        elif arm == "random_routing":
+            chosen = ray.get(ref)
+            tr = ["cot" if i in chosen else "direct" for i in ids]
+        else:
+            tr = ["direct"] * len(ids)
+        return t.set_column(t.schema.get_field_index("treatment"), "treatment", pa.array(tr, pa.string()))
+
+    return rows.map_batches(rewrite, batch_format="pyarrow")
+
+
+def routed_rows(cfg: CftConfig):
+    """(train+valid rows of the split, the random-routing subset) shared by every arm."""
+    from ray.data.expressions import col
+
+    from cft_ray.split import load_split
+
+    sdir = stage_dir(cfg, "split")
+    if not store.is_done(sdir):
+        raise ConfigError(f"arms: the split stage is not finished ({sdir}); run `cft-ray split` first")
+    rows = load_split(sdir, "train").union(load_split(sdir, "valid"))
+    random_ids: set[str] = set()
+    if "random_routing" in cfg.arms:
+        ids = [i for b in rows.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()]
+        n_cot = rows.filter(expr=col("treatment") == "cot").count()
+        random_ids = random_cot_ids(sorted(ids), n_cot, cfg.split.seed + 1)
+    return rows, random_ids
+
+
+def teacher_rows(cfg: CftConfig):
+    """Rows the teach stage must cover: the union over the requested arms of the rows routed to CoT."""
+    rows, random_ids = routed_rows(cfg)
+    if "distill" in cfg.arms:
+        return arm_rows(rows, "distill", cfg)
+    import ray
+
+    ref = ray.put(random_ids)
+    use_caft = "caft" in cfg.arms
+
+    def union(t: pa.Table) -> pa.Table:
+        chosen = ray.get(ref)
+        tr = ["cot" if (use_caft and x == "cot") or i in chosen else "direct"
+              for i, x in zip(t["item_id"].to_pylist(), t["treatment"].to_pylist())]
+        return t.set_column(t.schema.get_field_index("treatment"), "treatment", pa.array(tr, pa.string()))
+
+    return rows.map_batches(union, batch_format="pyarrow")
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
+    """Test rows -> PRED_SCHEMA rows for the model in `model_dir`, prompted with `kind` (direct|cot)."""
+    from cft_ray import score, teach
+
+    ecfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"name": model_dir})})
+    cols = ["item_id", "bucket", "category", "subject", "answer"]
+    if cfg.eval.mode == "direct":
+        ecfg = ecfg.model_copy(update={"score": cfg.score.model_copy(update={"pool": cfg.eval.pool})})
+        out = score.score(test_ds.select_columns(score.ITEM_SCHEMA.names + ["bucket"]), ecfg, prompt="direct")
+
+        def pick(t: pa.Table) -> pa.Table:
+            pred = t["pred_options"]
+            return pa.table({**{c: t[c] for c in cols}, "pred": pred.cast(pa.int32()),
+                             "correct": pa.compute.fill_null(pa.compute.equal(pred, t["answer"]), False),
+                             "text": t["argmax_token"], "completion_tokens": pa.array([0] * len(t), pa.int32()),
+                             "error": t["error"]}, schema=PRED_SCHEMA)
+        return out.map_batches(pick, batch_format="pyarrow")
+    backend = cfg.eval.backend
+    if backend == "auto":
+        import importlib.util
+
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    tcfg = cfg.teach.model_copy(update={
+        "backend": backend, "model": ecfg.student, "temperature": cfg.eval.temperature, "top_p": 1.0,
+        "max_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed, "constrain_format": False,
+        "pool": cfg.eval.pool, "samples": 1})
+    out = teach.teach(test_ds, cfg.model_copy(update={"teach": tcfg}), prompt=kind)
+    meta = test_ds.select_columns(cols)
+    return out.join(meta, join_type="inner", on=("item_id",), num_partitions=2).map_batches(
+        lambda t: pa.table({**{c: t[c] for c in cols}, "pred": t["parsed"], "correct": t["correct"],
+                            "text": t["text"], "completion_tokens": t["completion_tokens"], "error": t["error"]},
+                           schema=PRED_SCHEMA), batch_format="pyarrow")
+
+
+def accuracy(df) -> dict:
+    """Accuracy with its binomial standard error, parse failures, and per bucket/category/subject."""
+    def one(part) -> dict:
+        n = len(part)
+        acc = float(part["correct"].mean()) if n else float("nan")
+        return {"n": n, "accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"),
+                "parse_failures": int(part["pred"].isna().sum())}
+    out = one(df)
+    out["parse_failure_rate"] = out["parse_failures"] / out["n"] if out["n"] else float("nan")
+    for g in ("bucket", "category", "subject"):
+        out[f"by_{g}"] = {str(k): one(p) for k, p in df.groupby(df[g].astype(object).fillna("<none>"))}
+    return out
+
+
+def _spent(cfg: CftConfig, arm: str, train_dir: str | None, used_cot: set[str]) -> dict:
+    """Data spent, the paper's way: supervised target tokens x epochs; plus the teacher's share."""
+    if train_dir is None:
+        return {"target_tokens": 0, "train_tokens": 0, "teacher_calls": 0, "teacher_tokens_in": 0, "teacher_tokens_out": 0}
+    tm = store.read_json(store.join(train_dir, "train_manifest.json"))
+    spent = {"target_tokens": tm["data_spent_target_tokens"],
+             "train_tokens": sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"]),
+             "teacher_calls": 0, "teacher_tokens_in": 0, "teacher_tokens_out": 0}
+    tdir = stage_dir(cfg, "teach")
+    if used_cot and store.is_done(tdir):
+        import pyarrow.compute as pc
+
+        from cft_ray.teach import load_samples
+
+        s = load_samples(tdir).select_columns(["item_id", "prompt_tokens", "completion_tokens"]).to_arrow() \
+            if hasattr(load_samples(tdir), "to_arrow") else None
+        if s is not None:
+            s = s.filter(pc.is_in(s["item_id"], value_set=pa.array(sorted(used_cot), pa.string())))
+            spent.update(teacher_calls=s.num_rows, teacher_tokens_in=int(pc.sum(s["prompt_tokens"]).as_py() or 0),
+                         teacher_tokens_out=int(pc.sum(s["completion_tokens"]).as_py() or 0))
+    return spent
+
+
+def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[str | None, str]) -> dict:
+    """Train (unless base) and evaluate one arm; returns its metrics (also written to the eval dir)."""
+    import ray
+    from ray.data.expressions import col
+
+    from cft_ray.split import load_split
+    from cft_ray.train import build_examples, train
+
+    train_dir, eval_dir = dirs
+    acfg = arm_cfg(cfg, arm)
+    started = time.time()
+    model_dir = acfg.student.name
+    used_cot: set[str] = set()
+    if train_dir is not None:
+        cot = None
+        tdir = stage_dir(cfg, "teach")
+        if store.is_done(tdir):
+            from cft_ray.teach import load_cot
+
+            cot = load_cot(tdir)
+        routed = arm_rows(rows, arm, cfg, random_ids)
+        if store.is_done(train_dir):
+            model_dir = store.join(train_dir, "model")
+        else:
+            ex_dir = store.join(train_dir, "examples")
+            if not store.is_done(ex_dir):
+                store.reset(ex_dir)
+                build_examples(routed, cot, acfg).write_parquet(ex_dir)
+                store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
+            model_dir = train(ray.data.read_parquet(ex_dir), acfg, train_dir)
+            store.finish(train_dir, {"stage": f"train:{arm}", "model_dir": model_dir, "duration_s": time.time() - started})
+        ex = ray.data.read_parquet(store.join(train_dir, "examples")).filter(expr=(col("kind") == "cot") & col("error").is_null())
+        used_cot = {i for b in ex.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()}
+    train_s = time.time() - started
+    kind = prompt_kind(cfg, arm)
+    sdir = stage_dir(cfg, "split")
+    sets = {}
+    e0 = time.time()
+    for name in ["test"] + (["test_balanced"] if cfg.eval.balanced else []):
+        preds = evaluate(load_split(sdir, name), model_dir, cfg, kind)
+        pdir = store.join(eval_dir, f"predictions_{name}")
+        store.reset(pdir)
+        preds.write_parquet(pdir)
+        df = ray.data.read_parquet(pdir).to_pandas()
+        sets[name] = accuracy(df)
+        sets[name]["generated_tokens"] = int(df["completion_tokens"].fillna(0).sum())
+    metrics = {"arm": arm, "model_dir": model_dir, "mode": cfg.eval.mode, "prompt": kind,
+               "sets": sets, "data_spent": _spent(cfg, arm, train_dir, used_cot),
+               "cot_rows": len(used_cot), "train_s": round(train_s, 2), "eval_s": round(time.time() - e0, 2)}
+    if train_dir:
+        tm = store.read_json(store.join(train_dir, "train_manifest.json"))
+        metrics["train"] = {k: tm.get(k) for k in ("steps", "tokens_per_s", "mfu", "wall_s", "schedule", "effective_batch")}
+    store.write_json(store.join(eval_dir, "metrics.json"), metrics)
+    store.finish(eval_dir, {"stage": f"eval:{arm}", "duration_s": round(time.time() - started, 2),
+                            "counts": {k: v["n"] for k, v in sets.items()}})
+    return metrics
+
+
+def main(cfg: CftConfig, force: bool = False) -> str:
+    """Stage entry: every arm of cfg.arms, skipping arms whose evaluation is finished."""
+    dirs = arm_dirs(cfg)
+    if needs_teacher(cfg) and not store.is_done(stage_dir(cfg, "teach")):
+        raise ConfigError(f"arms: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
+    rows, random_ids = routed_rows(cfg)
+    summary = {}
+    for arm in cfg.arms:
+        t, e = dirs[arm]
+        if force:
+            for d in (t, e):
+                if d:
+                    store.reset(d)
+        if store.is_done(e):
+            summary[arm] = store.read_json(store.join(e, "metrics.json"))
+            continue
+        log.info("arm %s: train %s, eval %s", arm, t, e)
+        summary[arm] = run_arm(cfg, arm, rows, random_ids, dirs[arm])
+    out = store.join(cfg.run_dir, "arms.json")
+    store.write_json(out, {a: {"eval_dir": dirs[a][1], "train_dir": dirs[a][0],
+                               **{k: summary[a][k] for k in ("sets", "data_spent", "prompt", "mode")}} for a in cfg.arms})
+    return out

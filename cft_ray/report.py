@@ -1,0 +1,205 @@
+"""The human report of a run: `<run_dir>/report/report.md` + PNG plots, from the stages' own files.
+
+It reads only what the stages wrote (manifests, roc.json, split.json, arms.json, plan.json), so it can
+be re-rendered at any time with `cft-ray report <run_dir>`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+
+from cft_ray import store
+
+log = logging.getLogger("cft_ray")
+
+
+def _png(fig, path: str) -> None:
+    import fsspec
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _copy(src: str, dst: str) -> bool:
+    import fsspec
+
+    if not store.exists(src):
+        return False
+    with fsspec.open(src, "rb") as a, fsspec.open(dst, "wb") as b:
+        b.write(a.read())
+    return True
+
+
+def _manifest(d: str | None) -> dict | None:
+    if d and store.exists(store.join(d, "manifest.json")):
+        return store.read_json(store.join(d, "manifest.json"))
+    return None
+
+
+def _fmt(x, nd=3):
+    return "-" if x is None else f"{x:,.{nd}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+
+
+def plot_arms(arms: dict, out: str) -> None:
+    """Accuracy per arm with binomial error bars, overall and per test bucket."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(arms)
+    sets = [s for s in ("test", "test_balanced") if all(s in arms[a]["sets"] for a in names)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / max(1, len(sets))
+    for k, s in enumerate(sets):
+        acc = [arms[a]["sets"][s]["accuracy"] for a in names]
+        se = [arms[a]["sets"][s]["stderr"] for a in names]
+        axes[0].bar(np.arange(len(names)) + k * w, acc, w, yerr=se, capsize=3, label=s)
+    axes[0].set_xticks(np.arange(len(names)) + w * (len(sets) - 1) / 2, names)
+    axes[0].set(ylabel="accuracy (± 1 s.e.)", title="held-out accuracy per arm")
+    axes[0].legend(fontsize=8)
+    buckets = sorted({b for a in names for b in arms[a]["sets"]["test"]["by_bucket"]})
+    w = 0.8 / max(1, len(names))
+    for k, a in enumerate(names):
+        by = arms[a]["sets"]["test"]["by_bucket"]
+        axes[1].bar(np.arange(len(buckets)) + k * w, [by.get(b, {}).get("accuracy", np.nan) for b in buckets], w,
+                    yerr=[by.get(b, {}).get("stderr", 0) for b in buckets], capsize=2, label=a)
+    axes[1].set_xticks(np.arange(len(buckets)) + w * (len(names) - 1) / 2, buckets)
+    axes[1].set(ylabel="accuracy", title="test accuracy per difficulty bucket")
+    axes[1].legend(fontsize=8)
+    _png(fig, out)
+
+
+def plot_spent(arms: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(arms)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, [arms[a]["data_spent"]["target_tokens"] for a in names], color="tab:orange")
+    ax.set(ylabel="supervised target tokens x epochs", title="data spent per arm")
+    _png(fig, out)
+
+
+def render(run_dir: str) -> str:
+    """Write report.md (+ plots) for a run directory; returns its path."""
+    rdir = store.join(run_dir, "report")
+    run = store.read_json(store.join(run_dir, "run_manifest.json")) if store.exists(store.join(run_dir, "run_manifest.json")) else {}
+    dirs = run.get("stage_dirs", {})
+    cfg = run.get("config", {})
+    lines = [f"# cft-ray report: `{run_dir}`", ""]
+    if cfg:
+        st, te = cfg["student"], cfg["teach"]
+        lines += [f"- student: `{st['name']}` ({st['dtype']}); teacher: `{te['model']['name'] if te['backend'] != 'openai' else te.get('api_model')}` "
+                  f"via {te['backend']} (temperature {te['temperature']}, top_p {te['top_p']}, max_tokens {te['max_tokens']}, "
+                  f"seed {te['seed']}, policy {te['policy']} x{te['samples']}, format constraint {te['constrain_format']})",
+                  f"- data: `{cfg['data']['source']}` (limit {cfg['data']['limit']}); labels: {cfg['prompt']['labels']} "
+                  f"(fallback {cfg['prompt']['fallback']})",
+                  f"- split: metric `{cfg['split']['metric']}`, {cfg['split']['method']} {cfg['split']['quantiles'] if cfg['split']['method'] == 'quantiles' else ''}, "
+                  f"routing {cfg['split']['routing']}",
+                  f"- train: {cfg['train']['method']}, lr {cfg['train']['lr']}, epochs/phase {cfg['train']['epochs']}, "
+                  f"effective batch {cfg['train']['micro_batch'] * cfg['train']['grad_accum'] * cfg['train']['num_workers']}, "
+                  f"ZeRO-{cfg['train']['zero_stage']}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
+                  f"- evaluation: {cfg['eval']['mode']} mode, max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
+                  f"- config hash `{run.get('config_hash')}`; versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v), ""]
+
+    m = _manifest(dirs.get("data"))
+    if m:
+        c = m["counts"]
+        lines += ["## Data", f"{c['rows_in']:,} rows in, {c['valid']:,} valid, {c['errors']:,} rejected "
+                  f"({', '.join(f'{k}: {v}' for k, v in c.get('error_reasons', {}).items())}); {c['rows_out']:,} items used.", ""]
+
+    sdir = dirs.get("score")
+    m = _manifest(sdir)
+    if m:
+        roc = store.read_json(store.join(sdir, "roc.json"))
+        ov = roc["overall"]
+        lines += ["## Score: how unsure is the student?",
+                  f"Student accuracy on its own answer token: {ov['accuracy']:.3f} over {ov['n']:,} valid rows; "
+                  f"{m['throughput']['rows_per_s']:.1f} rows/s, {m['throughput']['tokens_per_s']:.0f} tokens/s, "
+                  f"padding waste {m['throughput'].get('padding_waste')}.", "",
+                  "ROC AUC of each metric as a predictor of a correct answer (confidence = 1 - metric/max):", ""]
+        lines += _table(["metric", "AUC"], [[k, v] for k, v in ov["auc"].items()]) + [""]
+        for name in ("roc.png", "hist.png"):
+            if _copy(store.join(sdir, name), store.join(rdir, f"score_{name}")):
+                lines.append(f"![{name}](score_{name})")
+        lines.append("")
+
+    spdir = dirs.get("split")
+    if spdir and store.exists(store.join(spdir, "split.json")):
+        sj = store.read_json(store.join(spdir, "split.json"))
+        lines += ["## Split", f"Difficulty `{sj['difficulty']}`, normalised by {sj['normalize']}; thresholds "
+                  f"{[round(x, 4) for x in sj['thresholds']]} (fitted on {sj['fitted_on']}). Routing: {sj['routing']}.", ""]
+        lines += _table(["split"] + sj["buckets"], [[s] + [v.get(b, 0) for b in sj["buckets"]] for s, v in sj["sizes"].items()])
+        lines += ["", f"Excluded (kept, flagged): {sj['excluded'] or 'none'}."]
+        if _copy(store.join(spdir, sj.get("plot", "distribution.png")), store.join(rdir, "split_distribution.png")):
+            lines += ["", "![distribution](split_distribution.png)"]
+        lines.append("")
+
+    m = _manifest(dirs.get("teach"))
+    if m:
+        c = m["counts"]
+        lines += ["## Teach", "Teacher chain-of-thought for the rows routed to CoT, checked against gold:", ""]
+        lines += _table(["counter", "value"], [[k, v] for k, v in c.items() if not isinstance(v, dict)])
+        for k, v in c.items():
+            if isinstance(v, dict):
+                lines.append(f"- {k}: {v}")
+        lines.append("")
+
+    arms_path = store.join(run_dir, "arms.json")
+    if store.exists(arms_path):
+        arms = store.read_json(arms_path)
+        lines += ["## Arms: held-out accuracy and the data each spent", ""]
+        rows = []
+        for a, v in arms.items():
+            t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
+            d = v["data_spent"]
+            rows.append([a, v["prompt"], f"{t['accuracy']:.3f} ± {t['stderr']:.3f}", t["n"],
+                         f"{b['accuracy']:.3f} ± {b['stderr']:.3f}" if b else "-", t["parse_failure_rate"],
+                         d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])
+        lines += _table(["arm", "prompt", "test acc ± s.e.", "n", "balanced acc ± s.e.", "parse failures",
+                         "target tokens x epochs", "teacher calls", "teacher tokens out"], rows)
+        if "caft" in arms and "distill" in arms and arms["distill"]["data_spent"]["target_tokens"]:
+            saving = 1 - arms["caft"]["data_spent"]["target_tokens"] / arms["distill"]["data_spent"]["target_tokens"]
+            lines += ["", f"CAFT spends {saving:.1%} fewer supervised target tokens than full distillation "
+                          "(the paper's measure; paper: 81%)."]
+        plot_arms(arms, store.join(rdir, "arms_accuracy.png"))
+        plot_spent(arms, store.join(rdir, "arms_spent.png"))
+        lines += ["", "![accuracy](arms_accuracy.png)", "", "![spent](arms_spent.png)", ""]
+
+    stages = run.get("stages", {})
+    if stages:
+        lines += ["## Time per stage", ""]
+        lines += _table(["stage", "wall s", "status"], [[s, v.get("wall_s"), v.get("skipped") or "ran"] for s, v in stages.items()])
+        lines.append("")
+    plan_path = store.join(run_dir, "plan.json")
+    if store.exists(plan_path):
+        p = store.read_json(plan_path)
+        lines += ["## Plan vs actual", f"The cost plan ({p['gpu']}) estimated per stage:", ""]
+        lines += _table(["stage", "planned tokens", "planned GPU-hours"], [[s, v["tokens"], v["gpu_hours"]] for s, v in p["stages"].items()])
+        lines.append("")
+    path = store.join(rdir, "report.md")
+    fs, p = store._fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write("\n".join(lines).encode())
+    return path
+
+
+def main(cfg) -> str:
+    return render(cfg.run_dir)
+
+
+def main_dir(run_dir: str) -> str:
+    return render(run_dir)

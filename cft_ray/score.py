@@ -27,6 +27,8 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from cft_ray import metrics, store
 from cft_ray.config import CftConfig, ConfigError, stage_dir
@@ -269,8 +271,6 @@ def _diagnostics(out: str, df) -> dict:
 
 def main(cfg: CftConfig) -> str:
     """Stage entry: score the data stage's items into `stage_dir(cfg, "score")`, resuming by row."""
-    import ray
-
     from cft_ray.data import load_items
 
     upstream = stage_dir(cfg, "data")
@@ -294,14 +294,17 @@ def main(cfg: CftConfig) -> str:
     score_s = time.time() - started
 
     # Small columns to the driver (~40 bytes a row as Arrow + categoricals): counts and diagnostics.
-    ds = ray.data.read_parquet(store.part_files(parts), include_paths=True).select_columns([*DIAG_COLUMNS, "path"])
-    t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    tables = []
+    for f in store.part_files(parts):
+        fs, path = pafs.FileSystem.from_uri(f) if "://" in f else (pafs.LocalFileSystem(), f)
+        t = pq.read_table(path, columns=DIAG_COLUMNS, filesystem=fs)
+        tables.append(t.append_column("new", pa.repeat(f.rsplit("/", 1)[-1] not in earlier, t.num_rows)))
+    t = pa.concat_tables(tables)
     n_ids = pc.count_distinct(t["item_id"]).as_py()
     if t.num_rows != n_ids or n_ids != rows_in:
         raise RuntimeError(f"score: {t.num_rows} rows / {n_ids} ids written for {rows_in} items (resume mismatch)")
-    is_new = pc.invert(pc.is_in(pc.replace_substring_regex(t["path"], r"^.*/", ""), pa.array(sorted(earlier), pa.string())))
-    df = t.drop(["item_id", "path"]).append_column("new", is_new).to_pandas(strings_to_categorical=True)
-    del t
+    df = t.drop(["item_id"]).to_pandas(strings_to_categorical=True)
+    del t, tables
     new = df[df["new"]]
     tokens, padded = int(new["prompt_tokens"].where(new["error"].isna()).sum()), int(new["padded_tokens"].sum())
     errors = int(df["error"].notna().sum())

@@ -282,8 +282,9 @@ def _vllm(ds, cfg: CftConfig):
     pc_cfg = vLLMEngineProcessorConfig(
         model_source=path, engine_kwargs=engine, batch_size=t.pool.batch_size, concurrency=t.pool.size,
         accelerator_type=t.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,
-        # Templating is light: a quarter CPU leaves the engine's cores alone on small boxes.
-        chat_template_stage={"enabled": True, "num_cpus": 0.25}, tokenize_stage=False,
+        # On a CPU pool the engine holds the cores; a templating actor reserving even a fraction
+        # of one leaves the read tasks (1 CPU each) unschedulable on a small node: a deadlock.
+        chat_template_stage={"enabled": True, **({"num_cpus": 0} if cpu else {})}, tokenize_stage=False,
         detokenize_stage=False,  # the engine already returns the text
         placement_group_config={"bundles": [{"CPU": t.pool.num_cpus}] * t.tensor_parallel_size} if cpu else None,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(t.cpu_kv_cache_gb)}} if cpu else None)

@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--cot-tokens", type=int, default=192, help="max_tokens of the correctness runs")
     ap.add_argument("--kv-gb", type=int, default=1)
+    ap.add_argument("--max-chars", type=int, default=None, help="teach.constrain_max_chars (default max_tokens - 8)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best of each is reported")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_gb))
@@ -87,7 +88,8 @@ def main() -> None:
     from cft_ray import models
     from cft_ray.config import ModelConfig
     from cft_ray.prompts import parse_marker, render, teacher_messages
-    from cft_ray.teach import CHARS_PER_TOKEN, answer_grammar
+    from cft_ray.config import TeachConfig
+    from cft_ray.teach import answer_grammar, text_budget
 
     torch.set_num_threads(os.cpu_count() or 1)
     mcfg = ModelConfig()
@@ -133,13 +135,14 @@ def main() -> None:
     hp = [render(tok, teacher_messages(it)) for it in hard]
     print(f"| constraint | parsed (1st sample) | correct (1st) | kept after <= {args.samples} samples | "
           f"failed: wrong / no marker / truncated | teacher tokens |\n|---|---|---|---|---|---|")
+    budget = text_budget(TeachConfig(max_tokens=args.cot_tokens, constrain_max_chars=args.max_chars))
     for constrain in (False, True):
         todo, kept, first, tokens, last = list(range(len(hard))), 0, None, 0, {}
         for r in range(args.samples):
             ps = []
             for i in todo:
-                so = StructuredOutputsParams(grammar=answer_grammar(len(hard[i]["options"]), "numbers",
-                                                                    CHARS_PER_TOKEN * args.cot_tokens)) if constrain else None
+                so = StructuredOutputsParams(grammar=answer_grammar(len(hard[i]["options"]), "numbers", budget)) \
+                    if constrain else None
                 ps.append(SamplingParams(max_tokens=args.cot_tokens, temperature=0.7, top_p=0.95, seed=1000 * r + i,
                                          structured_outputs=so))
             outs = llm.generate([hp[i] for i in todo], ps, use_tqdm=False)
@@ -162,7 +165,7 @@ def main() -> None:
               f"{kept}/{len(hard)} | {fails.count('wrong')} / {fails.count('no marker')} / {fails.count('truncated')} | "
               f"{tokens} |", flush=True)
     print(f"(hard = top-{args.hard} entropy of {args.pool} MMLU items under SmolLM2; temperature 0.7, "
-          f"max_tokens {args.cot_tokens}; chance = 25%)")
+          f"max_tokens {args.cot_tokens}, grammar text budget {budget} chars; chance = 25%)")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required (FEASIBILITY P4)

@@ -146,6 +146,7 @@ class TeachConfig(_Base):
     samples: int = Field(4, ge=1, description="Max attempts per item under policy=resample (paper default 4).")
     policy: Literal["keep_all", "keep_correct", "resample"] = Field("resample", description="Which teacher outputs train: all, only correct, or re-sample until correct (costlier, cleaner).")
     constrain_format: bool = Field(False, description="Force the text to end in [[k]] (vLLM structured output): needed by weak teachers, may hurt strong ones.")
+    constrain_max_chars: int | None = Field(None, ge=1, description="Text allowed before the forced [[k]] under constrain_format; None = max_tokens - 8, which guarantees the marker fits (a token is >= 1 char). Larger = more room to reason, but token-dense text (digits, math) then truncates.")
     concurrency: int = Field(8, ge=1, description="Requests in flight per openai actor: more = faster until the endpoint rate-limits.")
     timeout_s: float = Field(120, gt=0, description="Per-request timeout of the openai backend.")
     max_retries: int = Field(5, ge=0, description="Retries with backoff on 429/5xx/timeouts before a row becomes a failure.")

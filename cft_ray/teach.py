@@ -51,9 +51,6 @@ COT_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(n) for n in
 FAILURE_SCHEMA = pa.schema([pa.field("item_id", pa.string()), pa.field("reason", pa.string()),
                             pa.field("attempts", pa.int32())])
 REASONS = ("wrong answer", "no marker", "truncated", "engine error")
-# Text budget of the format constraint per generated token: English runs ~4 chars/token, so the
-# marker is forced before max_tokens unless the text is unusually token-dense (then: truncated).
-CHARS_PER_TOKEN = 3
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -65,6 +62,11 @@ def answer_grammar(n: int, scheme: str = "numbers", max_chars: int = 3072) -> st
     `[^[]]*` lets a weak teacher ramble until max_tokens and end truncated, without an answer."""
     alts = " | ".join(f'"{lab}"' for lab in labels(n, scheme))
     return f'root ::= [^\\[\\]]{{0,{max_chars}}} "[[" ({alts}) "]]"'
+
+
+def text_budget(t) -> int:
+    """Characters of free text the format constraint allows (TeachConfig.constrain_max_chars)."""
+    return t.constrain_max_chars or max(1, t.max_tokens - 8)
 
 
 def cut_after_marker(text: str) -> str:
@@ -232,7 +234,7 @@ class OpenAITeacher:
         body = {"model": self.model, "messages": teacher_messages(row, scheme), "temperature": t.temperature,
                 "top_p": t.top_p, "max_tokens": t.max_tokens, "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
         if t.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
-            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, CHARS_PER_TOKEN * t.max_tokens)}
+            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
         err, wait = "no attempt", 0.0
         for attempt in range(t.max_retries + 1):
             if attempt:  # jittered exponential backoff, or the server's Retry-After when longer
@@ -294,7 +296,7 @@ def _vllm(ds, cfg: CftConfig):
         params = {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": max_tokens,
                   "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
         if t.constrain_format:
-            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, CHARS_PER_TOKEN * max_tokens)}
+            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
         return {**row, "messages": teacher_messages(row, scheme), "sampling_params": params}
 
     def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
@@ -462,7 +464,8 @@ def main(cfg: CftConfig) -> str:
     manifest = store.stage_manifest("teach", out.rsplit("-", 1)[-1], started, counts, [
         ("teacher", {"backend": t.backend, "model": t.api_model or t.model.name if t.backend == "openai" else t.model.name,
                      "base_url": t.base_url if t.backend == "openai" else None}),
-        ("sampling", {k: getattr(t, k) for k in ("temperature", "top_p", "max_tokens", "seed", "samples", "policy", "constrain_format")}),
+        ("sampling", {**{k: getattr(t, k) for k in ("temperature", "top_p", "max_tokens", "seed", "samples", "policy", "constrain_format")},
+                     "constrain_max_chars": text_budget(t) if t.constrain_format else None}),
         ("labels", cfg.prompt.labels),
         ("tokens", {"in": tokens_in, "out": tokens_out, "out_this_run": new_out,
                     "out_per_s_this_run": round(new_out / gen_s, 2) if gen_s else None}),

@@ -220,7 +220,7 @@ class Scorer:
             r["valid"] = pred is not None
             r["unknown"] = pred == -1
             r["correct"] = pred is not None and pred == row["answer"]
-            r["label_collision"] = bool(self.shared[len(row["options"])]) if row["options"] else False
+            r["label_collision"] = bool(self.shared.get(len(row["options"])))
         cols = [batch.column(f.name).cast(f.type) for f in ITEM_SCHEMA]
         cols += [pa.array([r.get(f.name) for r in res], f.type) for f in SCORE_FIELDS]
         return pa.Table.from_arrays(cols, schema=SCORE_SCHEMA)

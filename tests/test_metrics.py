@@ -102,3 +102,10 @@ def test_plots_write_png(tmp_path):
     metrics.plot_hist(df, tmp_path / "hist.png")
     for name in ("roc.png", "hist.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_top2_ties_break_like_greedy_decoding():
+    logits = torch.zeros(2, 300, dtype=torch.bfloat16)
+    logits[:, [250, 17, 120]] = 5.0  # a three-way tie: greedy decoding takes the lowest id
+    pmax, margin, arg = metrics.top2(logits)
+    assert arg.tolist() == [17, 17] and margin.tolist() == [0.0, 0.0]

@@ -129,7 +129,7 @@ def stage_peak_memory(n: int, model_dir: str, run_dir: str) -> tuple[float, floa
     def watch():
         while not stop.is_set():
             peak[0] = max(peak[0], tree_pss(proc))
-            time.sleep(0.5)
+            time.sleep(2.0)  # reading smaps of a dozen Ray processes costs CPU: sample sparingly
 
     th = threading.Thread(target=watch, daemon=True)
     t = time.time()
@@ -161,7 +161,7 @@ def tiny_model(out_dir: str, tokenizer_dir: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=768, help="items for (b) and (c)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds interleaving (a), (b), (c)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds interleaving (a), (b), (c); 0 = memory run only")
     ap.add_argument("--n-ref", type=int, default=100, help="items for (a), the slow reference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16, help="batch size of (b)")
@@ -176,6 +176,13 @@ def main() -> None:
     print(f"model {cfg.student.name} {cfg.student.dtype} on {models.device_of(cfg.student)}, "
           f"{args.threads} threads, {len(items)} MMLU items, token_budget {cfg.score.token_budget}")
 
+    if args.rounds:
+        compare(args, cfg, items, dtype)
+    memory(args, cfg)
+
+
+def compare(args, cfg, items, dtype) -> None:
+    """(a), (b), (c) interleaved in rounds, then the matmul figure."""
     scorer = Scorer(cfg)  # also what (a) and (b) use: the same weights, dtype and device
     tok, model = scorer.tok, scorer.model
     table = pa.Table.from_pylist(items[:8], schema=ITEM_SCHEMA)
@@ -227,6 +234,10 @@ def main() -> None:
         achieved = sum(flops[i["item_id"]] for i in its) / wall[k]
         print(f"{rows[k][0]}: {achieved / 1e12:.3f} model TFLOP/s = {achieved / peak:.0%} of the matmul figure")
 
+
+
+def memory(args, cfg) -> None:
+    """Peak PSS of the real stage at each corpus size."""
     sizes = [int(s) for s in args.rss.split(",") if s]
     if sizes:
         with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from cft_ray.config import ConfigError, load_config
+from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
 
 STAGES = {
     "data": "validate and prepare the corpus (items + errors Parquet)",
@@ -27,7 +27,8 @@ STAGES = {
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="run config YAML (default: the embedded local default)")
+    p.add_argument("--config", "-c", default=str(EMBEDDED_CONFIG),
+                   help="run config YAML (default: the embedded local default, jobs/configs/local.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 

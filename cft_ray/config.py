@@ -216,7 +216,7 @@ class TrainConfig(_Base):
 
 
 class EvalConfig(_Base):
-    mode: Literal["direct", "generate"] = Field("generate", description="direct = argmax over option labels (cheap, exact); generate = decode and parse [[k]] (the paper's protocol).")
+    mode: Literal["direct", "generate", "auto"] = Field("generate", description="direct = argmax over option labels (cheap, exact); generate = decode and parse [[k]] (the paper's protocol); auto = direct for direct-prompt arms, generate for CoT arms.")
     max_new_tokens: int = Field(512, ge=1, description="Decode budget in generate mode: CoT arms need room, direct arms need ~5.")
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation backend: vllm when installed, else transformers.")
     pool: ActorPool = Field(default_factory=ActorPool, description="Evaluation actors.")
@@ -323,6 +323,21 @@ STAGE_INPUTS = {
     "split": ["data", "student", "prompt", "score", "split"],
     "teach": ["data", "student", "prompt", "score", "split", "teach"],
 }
+
+
+# `cft-ray <stage>` without --config: local Ray, SmolLM2, an MMLU sample (jobs/configs/local.yaml links here).
+EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
+
+
+COVERAGE_ARMS = {"all": "distill", "routed": "caft", "random": "random_routing"}
+
+
+def teacher_coverage(arms) -> set[str]:
+    """Which train rows the teach stage must cover for these arms: all (distill), the split's CoT rows
+    (caft), the random-routing subset. The teach manifest records it: a finished teach stage whose
+    coverage lacks a newly added arm's rows re-opens and generates only the missing ones."""
+    need = {c for c, a in COVERAGE_ARMS.items() if a in arms}
+    return {"all"} if "all" in need else need
 
 
 def stage_dir(cfg: CftConfig, stage: str) -> str:

@@ -44,7 +44,7 @@ PRED_SCHEMA = pa.schema([
 
 
 def _cot_share(cfg: CftConfig) -> bool:
-    return "cot" in cfg.split.routing.values()
+    return "cot" in cfg.split.treatments().values()
 
 
 def needs_teacher(cfg: CftConfig) -> bool:
@@ -83,7 +83,7 @@ def random_cot_ids(rows_ids: list[str], n: int, seed: int) -> set[str]:
 
     if n <= 0:
         return set()
-    h = unit_hashes(rows_ids, seed)
+    h = unit_hashes(rows_ids, seed)[:, 0]
     return {rows_ids[i] for i in np.argsort(h, kind="stable")[:n]}
 
 
@@ -128,7 +128,8 @@ def routed_rows(cfg: CftConfig):
 
 
 def teacher_rows(cfg: CftConfig):
-    """Rows the teach stage must cover: the union over the requested arms of the rows routed to CoT."""
+    """Rows the teach stage must cover (config.teacher_coverage): the union over the requested arms
+    of the rows they route to CoT, as train+valid rows whose `treatment` says so."""
     rows, random_ids = routed_rows(cfg)
     if "distill" in cfg.arms:
         return arm_rows(rows, "distill", cfg)
@@ -148,15 +149,24 @@ def teacher_rows(cfg: CftConfig):
 
 # ------------------------------------------------------------------------------------ evaluation
 
+def eval_mode(cfg: CftConfig, kind: str) -> str:
+    """eval.mode, with auto = direct for direct-prompt arms (exact and cheap), generate for CoT arms."""
+    if cfg.eval.mode == "auto":
+        return "direct" if kind == "direct" else "generate"
+    return cfg.eval.mode
+
+
 def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
-    """Test rows -> PRED_SCHEMA rows for the model in `model_dir`, prompted with `kind` (direct|cot)."""
+    """Test rows -> PRED_SCHEMA rows for the model in `model_dir`, prompted with `kind` (direct|cot).
+    Direct mode always reads the direct prompt (a CoT arm has no single answer position)."""
     from cft_ray import score, teach
 
     ecfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"name": model_dir})})
     cols = ["item_id", "bucket", "category", "subject", "answer"]
-    if cfg.eval.mode == "direct":
+    if eval_mode(cfg, kind) == "direct":
         ecfg = ecfg.model_copy(update={"score": cfg.score.model_copy(update={"pool": cfg.eval.pool})})
         out = score.score(test_ds.select_columns(score.ITEM_SCHEMA.names + ["bucket"]), ecfg, prompt="direct")
+        # Rows the scorer could not score (over-long prompt) count as wrong with their reason.
 
         def pick(t: pa.Table) -> pa.Table:
             pred = t["pred_options"]
@@ -196,77 +206,92 @@ def accuracy(df) -> dict:
     return out
 
 
-def _spent(cfg: CftConfig, arm: str, train_dir: str | None, used_cot: set[str]) -> dict:
-    """Data spent, the paper's way: supervised target tokens x epochs; plus the teacher's share."""
+def _spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict:
+    """Data spent, the paper's way (supervised target tokens x epochs), plus every teacher call made
+    for the rows this arm routed to CoT (all rounds, kept or not: failed calls cost too)."""
+    spent = {"target_tokens": 0, "train_tokens": 0, "teacher_calls": 0, "teacher_tokens_in": 0, "teacher_tokens_out": 0}
     if train_dir is None:
-        return {"target_tokens": 0, "train_tokens": 0, "teacher_calls": 0, "teacher_tokens_in": 0, "teacher_tokens_out": 0}
+        return spent
     tm = store.read_json(store.join(train_dir, "train_manifest.json"))
-    spent = {"target_tokens": tm["data_spent_target_tokens"],
-             "train_tokens": sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"]),
-             "teacher_calls": 0, "teacher_tokens_in": 0, "teacher_tokens_out": 0}
-    tdir = stage_dir(cfg, "teach")
-    if used_cot and store.is_done(tdir):
+    spent.update(target_tokens=tm["data_spent_target_tokens"],
+                 train_tokens=sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"]))
+    if cot_ids:
         import pyarrow.compute as pc
 
-        from cft_ray.teach import load_samples
+        from cft_ray.teach import _columns
 
-        s = load_samples(tdir).select_columns(["item_id", "prompt_tokens", "completion_tokens"]).to_arrow() \
-            if hasattr(load_samples(tdir), "to_arrow") else None
-        if s is not None:
-            s = s.filter(pc.is_in(s["item_id"], value_set=pa.array(sorted(used_cot), pa.string())))
-            spent.update(teacher_calls=s.num_rows, teacher_tokens_in=int(pc.sum(s["prompt_tokens"]).as_py() or 0),
-                         teacher_tokens_out=int(pc.sum(s["completion_tokens"]).as_py() or 0))
+        s = _columns(store.join(stage_dir(cfg, "teach"), "parts"), ["item_id", "prompt_tokens", "completion_tokens"])
+        s = s.filter(pc.is_in(s["item_id"], value_set=pa.array(sorted(cot_ids), pa.string())))
+        spent.update(teacher_calls=s.num_rows, teacher_tokens_in=int(pc.sum(s["prompt_tokens"]).as_py() or 0),
+                     teacher_tokens_out=int(pc.sum(s["completion_tokens"]).as_py() or 0))
     return spent
+
+
+def _ids(ds) -> set[str]:
+    return {i for b in ds.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()}
+
+
+def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: str) -> tuple[str, set[str], set[str]]:
+    """Train one arm (resuming or skipping as its dir says): (model dir, ids it routed to CoT, ids
+    that trained on a kept teacher CoT; the rest of its CoT rows fell back to direct)."""
+    from ray.data.expressions import col
+
+    from cft_ray.train import fit
+
+    cot = None
+    if store.is_done(stage_dir(cfg, "teach")):
+        from cft_ray.teach import load_cot
+
+        cot = load_cot(stage_dir(cfg, "teach"))
+    elif arm != "sft" and arm != "curriculum" and (arm != "caft" or _cot_share(cfg)):
+        raise ConfigError(f"arm {arm}: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
+    routed = arm_rows(rows, arm, cfg, random_ids)
+    fit(routed, cot, arm_cfg(cfg, arm), train_dir, stage=f"train:{arm}")
+    import ray
+
+    ex = ray.data.read_parquet(store.join(train_dir, "examples"))
+    return (store.join(train_dir, "model"), _ids(routed.filter(expr=col("treatment") == "cot")),
+            _ids(ex.filter(expr=(col("kind") == "cot") & col("error").is_null())))
+
+
+def train_arms(cfg: CftConfig) -> str:
+    """`cft-ray train`: every arm but base, each into its own train dir; returns the run dir."""
+    rows, random_ids = routed_rows(cfg)
+    for arm, (t, _) in arm_dirs(cfg).items():
+        if t is not None:
+            log.info("arm %s: train %s", arm, t)
+            train_arm(cfg, arm, rows, random_ids, t)
+    return cfg.run_dir
 
 
 def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[str | None, str]) -> dict:
     """Train (unless base) and evaluate one arm; returns its metrics (also written to the eval dir)."""
     import ray
-    from ray.data.expressions import col
 
     from cft_ray.split import load_split
-    from cft_ray.train import build_examples, train
 
     train_dir, eval_dir = dirs
-    acfg = arm_cfg(cfg, arm)
     started = time.time()
-    model_dir = acfg.student.name
-    used_cot: set[str] = set()
+    model_dir, routed_cot, used_cot = cfg.student.name, set(), set()
     if train_dir is not None:
-        cot = None
-        tdir = stage_dir(cfg, "teach")
-        if store.is_done(tdir):
-            from cft_ray.teach import load_cot
-
-            cot = load_cot(tdir)
-        routed = arm_rows(rows, arm, cfg, random_ids)
-        if store.is_done(train_dir):
-            model_dir = store.join(train_dir, "model")
-        else:
-            ex_dir = store.join(train_dir, "examples")
-            if not store.is_done(ex_dir):
-                store.reset(ex_dir)
-                build_examples(routed, cot, acfg).write_parquet(ex_dir)
-                store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
-            model_dir = train(ray.data.read_parquet(ex_dir), acfg, train_dir)
-            store.finish(train_dir, {"stage": f"train:{arm}", "model_dir": model_dir, "duration_s": time.time() - started})
-        ex = ray.data.read_parquet(store.join(train_dir, "examples")).filter(expr=(col("kind") == "cot") & col("error").is_null())
-        used_cot = {i for b in ex.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()}
+        model_dir, routed_cot, used_cot = train_arm(cfg, arm, rows, random_ids, train_dir)
     train_s = time.time() - started
     kind = prompt_kind(cfg, arm)
     sdir = stage_dir(cfg, "split")
     sets = {}
     e0 = time.time()
-    for name in ["test"] + (["test_balanced"] if cfg.eval.balanced else []):
-        preds = evaluate(load_split(sdir, name), model_dir, cfg, kind)
-        pdir = store.join(eval_dir, f"predictions_{name}")
-        store.reset(pdir)
-        preds.write_parquet(pdir)
-        df = ray.data.read_parquet(pdir).to_pandas()
-        sets[name] = accuracy(df)
-        sets[name]["generated_tokens"] = int(df["completion_tokens"].fillna(0).sum())
-    metrics = {"arm": arm, "model_dir": model_dir, "mode": cfg.eval.mode, "prompt": kind,
-               "sets": sets, "data_spent": _spent(cfg, arm, train_dir, used_cot),
+    # One pass over test/ (test_balanced/ is a subset of it): a generation engine starts once per arm.
+    pdir = store.join(eval_dir, "predictions")
+    store.reset(pdir)
+    evaluate(load_split(sdir, "test"), model_dir, cfg, kind).write_parquet(pdir)
+    df = ray.data.read_parquet(pdir).to_pandas()
+    balanced = set(load_split(sdir, "test_balanced").to_pandas()["item_id"]) if cfg.eval.balanced else None
+    for name, part in (("test", df), ("test_balanced", None if balanced is None else df[df["item_id"].isin(balanced)])):
+        if part is not None:
+            sets[name] = accuracy(part)
+            sets[name]["generated_tokens"] = int(part["completion_tokens"].fillna(0).sum())
+    metrics = {"arm": arm, "model_dir": model_dir, "mode": eval_mode(cfg, kind), "prompt": kind,
+               "sets": sets, "data_spent": _spent(cfg, train_dir, routed_cot),
                "cot_rows": len(used_cot), "train_s": round(train_s, 2), "eval_s": round(time.time() - e0, 2)}
     if train_dir:
         tm = store.read_json(store.join(train_dir, "train_manifest.json"))

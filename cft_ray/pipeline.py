@@ -31,7 +31,11 @@ def stage_dirs(cfg: CftConfig) -> dict[str, str]:
     return dirs
 
 
-def _done(stage: str, where) -> bool:
+def _done(stage: str, where, cfg: CftConfig) -> bool:
+    if stage == "teach":
+        from cft_ray.teach import finished
+
+        return finished(cfg)
     if stage == "arms":
         return all(store.is_done(d) for pair in where.values() for d in pair if d)
     return store.is_done(where)
@@ -64,10 +68,11 @@ def machine() -> dict:
         import ray
 
         resources = ray.cluster_resources() if ray.is_initialized() else None
+        address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     except Exception:  # noqa: BLE001
-        resources = None
+        resources = address = None
     return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "driver_gpus": gpus, "ray_resources": resources}
+            "cpus": os.cpu_count(), "driver_gpus": gpus, "ray_address": address, "ray_resources": resources}
 
 
 def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None, dry_run: bool = False) -> str:
@@ -83,7 +88,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
             action = "skip (not selected)"
         elif from_stage:
             action = "re-run"
-        elif s != "report" and _done(s, dirs[s]):  # the report is cheap and reads everything: always fresh
+        elif s != "report" and _done(s, dirs[s], cfg):  # the report is cheap and reads everything: always fresh
             action = "skip (finished)"
         else:
             action = "run"
@@ -102,6 +107,10 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
     run.setdefault("stages", {})
     started = time.time()
     for s, action, where in plan:
+        if s == "score" and not store.exists(store.join(cfg.run_dir, "plan.json")) and store.is_done(dirs["data"]):
+            from cft_ray import plan as cost  # the cost plan, before the expensive stages; the report compares
+
+            cost.main(cfg)
         if action.startswith("skip"):
             run["stages"].setdefault(s, {})["skipped"] = action
             continue
@@ -112,6 +121,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
         module = importlib.import_module("cft_ray.evaluate" if s == "arms" else f"cft_ray.{s}")
         out = module.main(cfg, force=action == "re-run") if s == "arms" else module.main(cfg)
         run["stages"][s] = {"output": out, "wall_s": round(time.time() - t0, 2), "skipped": None}
+
         store.write_json(manifest_path, run)  # after every stage: a killed run still shows its lineage
     run["wall_s"] = round(time.time() - started, 2)
     store.write_json(manifest_path, run)

@@ -64,9 +64,15 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
     peak = PEAK_TFLOPS[p.gpu] * 1e12
     sp = cfg.split
     test = n_items * sp.test_fraction
-    pool = n_items - test
-    hard_frac = 1 - sp.quantiles[-1] if sp.method == "quantiles" else 1 / (len(sp.routing) or 3)
-    cot_items = pool * hard_frac
+    names, routes = sp.buckets(), sp.treatments()
+    # share of the pool in each bucket: quantile gaps, or equal shares (chunks; thresholds unknown ahead)
+    edges = [0.0, *sp.quantiles, 1.0] if sp.method == "quantiles" else [i / len(names) for i in range(len(names) + 1)]
+    per_bucket = [(n_items - test) * (b - a) for a, b in zip(edges, edges[1:])]
+    if sp.cap_per_bucket:
+        per_bucket = [min(x, sp.cap_per_bucket) for x in per_bucket]
+    pool = sum(x for x, b in zip(per_bucket, names) if routes[b] != "drop")
+    cot_items = sum(x for x, b in zip(per_bucket, names) if routes[b] == "cot")
+    hard_frac = cot_items / pool if pool else 0.0
     out_tokens = cfg.teach.max_tokens * p.teacher_fill
     attempts = 1 + (cfg.teach.samples - 1) * p.resample_rate if cfg.teach.policy == "resample" else 1
     train_mult = 4 if cfg.train.method == "lora" else 6

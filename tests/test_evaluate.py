@@ -1,0 +1,108 @@
+"""Evaluate stage: direct (option-restricted argmax) vs generate (parse the last [[k]]) on a model
+trained here to answer "[[k]]", accuracy bookkeeping, the random-routing subset."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from cft_ray import evaluate, prompts
+from cft_ray.config import load_config
+from cft_ray.data import ITEM_SCHEMA
+from cft_ray.train import IGNORE, tokenize_examples
+from conftest import build_tiny
+
+
+def _items(n: int) -> list[dict]:
+    return [{"item_id": f"q{k}", "question": f"Which option is right for case {k * 7919 % 1000}?",
+             "options": [f"choice {c}" for c in "wxyz"], "answer": k % 4, "subject": "logic",
+             "category": "stem" if k % 2 else "other", "source": "test"} for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def marker_model(tmp_path_factory, smollm2_dir):
+    """A tiny model fine-tuned here until it answers every item's gold "[[k]]" (direct prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = build_tiny(tmp_path_factory.mktemp("marker"), smollm2_dir, layers=1)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    items = _items(12)
+    enc = tokenize_examples(tok, [(prompts.direct_messages(it), prompts.marker(it["answer"])) for it in items], 1024)
+    width = max(len(ids) for ids, _, _ in enc)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _, _ in enc])
+    labels = torch.tensor([[IGNORE] * (width - len(lab)) + lab for _, lab, _ in enc])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(i) for i, _, _ in enc])[:, None]).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(300):
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.save_pretrained(out, safe_serialization=True)
+    return out, items, loss.item()
+
+
+def _cfg(model_dir, mode):
+    return load_config(None, [f"student.name={model_dir}", "student.dtype=float32", f"eval.mode={mode}",
+                              "eval.backend=hf", "eval.max_new_tokens=12", "eval.pool.batch_size=8", "teach.hf_micro_batch=8"])
+
+
+@pytest.mark.heavy
+def test_direct_equals_generate_on_a_marker_trained_model(ray_local, marker_model):
+    model_dir, items, final_loss = marker_model
+    assert final_loss < 0.05, "the fixture must fit its answers, or the comparison says nothing"
+    ds = ray_local.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)).map_batches(
+        lambda t: t.append_column("bucket", pa.array(["hard"] * len(t), pa.string())), batch_format="pyarrow")
+    got = {}
+    for mode in ("direct", "generate"):
+        df = evaluate.evaluate(ds, model_dir, _cfg(model_dir, mode), "direct").to_pandas().set_index("item_id")
+        got[mode] = df.sort_index()
+        assert len(df) == len(items) and df["error"].isna().all()
+    d, g = got["direct"], got["generate"]
+    assert g["pred"].notna().all(), "generate mode parsed a [[k]] from every completion"
+    assert (d["pred"] == g["pred"]).all() and (d["correct"] == g["correct"]).all()
+    acc = evaluate.accuracy(d.reset_index())["accuracy"]
+    assert acc == evaluate.accuracy(g.reset_index())["accuracy"] and acc > 0.9  # trained answers, not chance
+    assert (g["completion_tokens"] > 0).all() and g["text"].str.contains(r"\[\[").all()
+
+
+def test_accuracy_stderr_parse_failures_and_groups():
+    df = pd.DataFrame({"correct": [True, False, True, True, False], "pred": [1, None, 2, 0, 3],
+                       "bucket": ["easy", "easy", "hard", "hard", "hard"], "category": ["a"] * 5,
+                       "subject": ["s", "s", "s", None, None]})
+    m = evaluate.accuracy(df)
+    assert m["n"] == 5 and m["accuracy"] == pytest.approx(0.6)
+    assert m["stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
+    assert m["parse_failures"] == 1 and m["parse_failure_rate"] == pytest.approx(0.2)
+    assert m["by_bucket"]["easy"]["accuracy"] == 0.5 and m["by_bucket"]["hard"]["n"] == 3
+    assert m["by_subject"]["<none>"]["n"] == 2
+
+
+def test_random_routing_subset_is_exact_seeded_and_order_free():
+    ids = [f"id{k}" for k in range(200)]
+    a = evaluate.random_cot_ids(ids, 37, seed=5)
+    assert len(a) == 37 and a <= set(ids)
+    assert a == evaluate.random_cot_ids(list(reversed(ids)), 37, seed=5)
+    assert a != evaluate.random_cot_ids(ids, 37, seed=6)
+    assert evaluate.random_cot_ids(ids, 0, seed=5) == set()
+
+
+def test_arm_prompt_and_teacher_coverage():
+    from cft_ray.config import teacher_coverage
+
+    cfg = load_config(None, ["arms=[base,caft,sft]"])
+    assert evaluate.prompt_kind(cfg, "caft") == "cot" and evaluate.prompt_kind(cfg, "sft") == "direct"
+    assert teacher_coverage(cfg.arms) == {"routed"} and evaluate.needs_teacher(cfg)
+    no_cot = load_config(None, ["arms=[base,caft]", "split.routing={easy: direct, medium: direct, hard: direct}"])
+    assert not evaluate.needs_teacher(no_cot) and evaluate.prompt_kind(no_cot, "caft") == "direct"
+    assert teacher_coverage(["caft", "distill", "random_routing"]) == {"all"}
+    assert teacher_coverage(["caft", "random_routing"]) == {"routed", "random"}
+    assert teacher_coverage(["base", "sft", "curriculum"]) == set()

@@ -1,0 +1,94 @@
+"""The whole pipeline (`cft-ray run`) on tiny data with a tiny random model: every arm trains and is
+evaluated, the report renders, a re-run skips every finished stage, `--dry-run` says so."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from cft_ray import pipeline, store
+from cft_ray.config import load_config, stage_dir
+
+ARMS = ["base", "sft", "distill", "caft", "curriculum", "random_routing"]
+
+
+def tiny_run_overrides(run_dir, model_dir, arms=ARMS) -> list[str]:
+    """Everything small: 60 MMLU items, the tiny model as student and teacher (transformers backends)."""
+    return [f"run_dir={run_dir}", "data.limit=60", f"student.name={model_dir}", "student.dtype=float32",
+            "score.pool.batch_size=16", "split.test_fraction=0.25",
+            "teach.backend=hf", f"teach.model.name={model_dir}", "teach.model.dtype=float32",
+            "teach.constrain_format=true", "teach.max_tokens=12", "teach.samples=1", "teach.pool.batch_size=8",
+            "train.num_workers=1", "train.micro_batch=8", "train.lora_r=4", "train.lora_alpha=8",
+            "train.precision=fp32", "train.max_length=512", "train.checkpoint_every_steps=100", "train.pool.size=1",
+            "eval.mode=generate", "eval.backend=hf", "eval.max_new_tokens=8", "eval.pool.batch_size=8",
+            "teach.hf_micro_batch=8", f"arms=[{','.join(arms)}]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    cfg = load_config(None, tiny_run_overrides(run_dir, tiny_model_dir))
+    report = pipeline.main(cfg)
+    return cfg, report
+
+
+@pytest.mark.heavy
+def test_every_arm_trains_evaluates_and_reports(tiny_run):
+    cfg, report = tiny_run
+    arms = store.read_json(store.join(cfg.run_dir, "arms.json"))
+    assert list(arms) == ARMS
+    test_n = pq.read_table(store.join(stage_dir(cfg, "split"), "test")).num_rows
+    for a, v in arms.items():
+        t = v["sets"]["test"]
+        assert t["n"] == test_n and 0 <= t["accuracy"] <= 1, a
+        assert set(t["by_bucket"]) <= {"easy", "medium", "hard"}
+        assert "test_balanced" in v["sets"]
+    spent = {a: v["data_spent"] for a, v in arms.items()}
+    assert spent["base"]["target_tokens"] == 0 and spent["base"]["teacher_calls"] == 0
+    # CoT targets are longer than "[[k]]": distillation spends most, caft in between, SFT least
+    assert spent["distill"]["target_tokens"] > spent["caft"]["target_tokens"] > spent["sft"]["target_tokens"] > 0
+    assert spent["sft"]["teacher_calls"] == 0 and spent["curriculum"]["teacher_calls"] == 0
+    assert spent["distill"]["teacher_calls"] > spent["caft"]["teacher_calls"] > 0
+    assert spent["random_routing"]["teacher_calls"] == spent["caft"]["teacher_calls"]  # same size of CoT set
+    assert arms["caft"]["prompt"] == "cot" and arms["sft"]["prompt"] == "direct"
+    text = open(report).read()
+    for section in ("## Score", "## Split", "## Teach", "## Arms", "## Time per stage", "CAFT spends"):
+        assert section in text, section
+    for png in ("arms_accuracy.png", "arms_spent.png", "score_roc.png", "split_distribution.png"):
+        assert os.path.getsize(os.path.join(os.path.dirname(report), png)) > 1000, png
+    run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
+    assert run["versions"]["torch"] and run["versions"]["ray"] and run["config_hash"]
+    assert all(run["stages"][s]["wall_s"] is not None for s in pipeline.STAGES)
+
+
+@pytest.mark.heavy
+def test_rerun_skips_finished_stages(tiny_run, capsys):
+    cfg, _ = tiny_run
+    score_parts = store.part_files(store.join(stage_dir(cfg, "score"), "parts"))
+    mtimes = [os.path.getmtime(f) for f in score_parts]
+    pipeline.main(cfg, dry_run=True)
+    plan = capsys.readouterr().out
+    for s in ("data", "score", "split", "teach", "arms"):
+        assert any(line.split()[:2] == [s, "skip"] for line in plan.splitlines()), plan
+    pipeline.main(cfg)
+    run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
+    assert run["stages"]["score"]["skipped"] and run["stages"]["arms"]["skipped"]
+    assert [os.path.getmtime(f) for f in score_parts] == mtimes
+    # arms that need no teacher plan no teach stage; upstream stages are shared, so they are skipped
+    fewer = cfg.model_copy(update={"arms": ["base", "sft"]})
+    pipeline.main(fewer, dry_run=True)
+    plan = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "teach" not in plan and plan["score"] == "skip" and plan["arms"] == "skip"
+
+
+def test_dry_run_of_the_embedded_default(tmp_path, capsys):
+    from cft_ray.config import EMBEDDED_CONFIG
+
+    cfg = load_config(EMBEDDED_CONFIG, [f"run_dir={tmp_path}"])
+    assert pipeline.main(cfg, dry_run=True) == str(tmp_path)
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == pipeline.STAGES
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+    assert json.loads(json.dumps(cfg.model_dump(mode="json")))["arms"] == ["base", "caft"]

@@ -70,6 +70,10 @@ class ActorPool(_Base):
     num_gpus: float = Field(0, ge=0, description="GPUs per actor: 1 on GPU clusters (one model per GPU), 0 here.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom node resources per actor, to pin a stage to a node type (see cluster.yaml).")
     batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch into an actor: larger sorts better by length, loses more work on a crash.")
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads per actor; None = num_cpus. More than num_cpus lets one model use every core while Ray keeps a CPU free for its read/write tasks (a pool holding every CPU stalls them).")
+
+    def cpu_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
 
     @field_validator("size")
     @classmethod

@@ -35,12 +35,11 @@ RECIPES = {  # arm -> train.schedule
     "sft": "merged", "distill": "merged", "caft": None, "curriculum": "curriculum",
     "random_routing": None, "instructdiff": "merged",
 }
-PRED_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()), pa.field("bucket", pa.string()), pa.field("category", pa.string()),
-    pa.field("subject", pa.string()), pa.field("answer", pa.int32()), pa.field("pred", pa.int32()),
-    pa.field("correct", pa.bool_()), pa.field("text", pa.string()), pa.field("completion_tokens", pa.int32()),
-    pa.field("error", pa.string()),
+PRED_SCHEMA = pa.schema([  # one row per test item; bucket/subject come from the split at metric time
+    pa.field("item_id", pa.string()), pa.field("pred", pa.int32()), pa.field("correct", pa.bool_()),
+    pa.field("text", pa.string()), pa.field("completion_tokens", pa.int32()), pa.field("error", pa.string()),
 ])
+META = ["item_id", "bucket", "category", "subject", "answer"]
 
 
 def _cot_share(cfg: CftConfig) -> bool:
@@ -111,8 +110,6 @@ def arm_rows(rows, arm: str, cfg: CftConfig, random_ids: set[str] | None = None)
 
 def routed_rows(cfg: CftConfig):
     """(train+valid rows of the split, the random-routing subset) shared by every arm."""
-    from ray.data.expressions import col
-
     from cft_ray.split import load_split
 
     sdir = stage_dir(cfg, "split")
@@ -121,9 +118,9 @@ def routed_rows(cfg: CftConfig):
     rows = load_split(sdir, "train").union(load_split(sdir, "valid"))
     random_ids: set[str] = set()
     if "random_routing" in cfg.arms:
-        ids = [i for b in rows.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()]
-        n_cot = rows.filter(expr=col("treatment") == "cot").count()
-        random_ids = random_cot_ids(sorted(ids), n_cot, cfg.split.seed + 1)
+        t = pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
+        n_cot = int(pa.compute.sum(pa.compute.equal(t["treatment"], "cot")).as_py() or 0)
+        random_ids = random_cot_ids(sorted(t["item_id"].to_pylist()), n_cot, cfg.split.seed + 1)
     return rows, random_ids
 
 
@@ -162,19 +159,17 @@ def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
     from cft_ray import score, teach
 
     ecfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"name": model_dir})})
-    cols = ["item_id", "bucket", "category", "subject", "answer"]
+    items = test_ds.select_columns(score.ITEM_SCHEMA.names)
     if eval_mode(cfg, kind) == "direct":
         ecfg = ecfg.model_copy(update={"score": cfg.score.model_copy(update={"pool": cfg.eval.pool})})
-        out = score.score(test_ds.select_columns(score.ITEM_SCHEMA.names + ["bucket"]), ecfg, prompt="direct")
-        # Rows the scorer could not score (over-long prompt) count as wrong with their reason.
 
-        def pick(t: pa.Table) -> pa.Table:
+        def pick(t: pa.Table) -> pa.Table:  # a row the scorer could not score is wrong, with its reason
             pred = t["pred_options"]
-            return pa.table({**{c: t[c] for c in cols}, "pred": pred.cast(pa.int32()),
+            return pa.table({"item_id": t["item_id"], "pred": pred.cast(pa.int32()),
                              "correct": pa.compute.fill_null(pa.compute.equal(pred, t["answer"]), False),
                              "text": t["argmax_token"], "completion_tokens": pa.array([0] * len(t), pa.int32()),
                              "error": t["error"]}, schema=PRED_SCHEMA)
-        return out.map_batches(pick, batch_format="pyarrow")
+        return score.score(items, ecfg, prompt="direct").map_batches(pick, batch_format="pyarrow")
     backend = cfg.eval.backend
     if backend == "auto":
         import importlib.util
@@ -184,12 +179,10 @@ def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
         "backend": backend, "model": ecfg.student, "temperature": cfg.eval.temperature, "top_p": 1.0,
         "max_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed, "constrain_format": False,
         "pool": cfg.eval.pool, "samples": 1})
-    out = teach.teach(test_ds, cfg.model_copy(update={"teach": tcfg}), prompt=kind)
-    meta = test_ds.select_columns(cols)
-    return out.join(meta, join_type="inner", on=("item_id",), num_partitions=2).map_batches(
-        lambda t: pa.table({**{c: t[c] for c in cols}, "pred": t["parsed"], "correct": t["correct"],
-                            "text": t["text"], "completion_tokens": t["completion_tokens"], "error": t["error"]},
-                           schema=PRED_SCHEMA), batch_format="pyarrow")
+    return teach.teach(items, cfg.model_copy(update={"teach": tcfg}), prompt=kind).map_batches(
+        lambda t: pa.table({"item_id": t["item_id"], "pred": t["parsed"], "correct": t["correct"], "text": t["text"],
+                            "completion_tokens": t["completion_tokens"], "error": t["error"]}, schema=PRED_SCHEMA),
+        batch_format="pyarrow")
 
 
 def accuracy(df) -> dict:
@@ -214,7 +207,7 @@ def _spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict:
         return spent
     tm = store.read_json(store.join(train_dir, "train_manifest.json"))
     spent.update(target_tokens=tm["data_spent_target_tokens"],
-                 train_tokens=sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"]))
+                 train_tokens=sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"] if p["steps"]))
     if cot_ids:
         import pyarrow.compute as pc
 
@@ -227,14 +220,10 @@ def _spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict:
     return spent
 
 
-def _ids(ds) -> set[str]:
-    return {i for b in ds.select_columns(["item_id"]).iter_batches(batch_format="pyarrow") for i in b["item_id"].to_pylist()}
-
-
 def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: str) -> tuple[str, set[str], set[str]]:
     """Train one arm (resuming or skipping as its dir says): (model dir, ids it routed to CoT, ids
     that trained on a kept teacher CoT; the rest of its CoT rows fell back to direct)."""
-    from ray.data.expressions import col
+    import pyarrow.compute as pc
 
     from cft_ray.train import fit
 
@@ -243,15 +232,21 @@ def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: s
         from cft_ray.teach import load_cot
 
         cot = load_cot(stage_dir(cfg, "teach"))
-    elif arm != "sft" and arm != "curriculum" and (arm != "caft" or _cot_share(cfg)):
+    elif arm not in ("sft", "curriculum") and (arm != "caft" or _cot_share(cfg)):
         raise ConfigError(f"arm {arm}: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
-    routed = arm_rows(rows, arm, cfg, random_ids)
-    fit(routed, cot, arm_cfg(cfg, arm), train_dir, stage=f"train:{arm}")
-    import ray
-
-    ex = ray.data.read_parquet(store.join(train_dir, "examples"))
-    return (store.join(train_dir, "model"), _ids(routed.filter(expr=col("treatment") == "cot")),
-            _ids(ex.filter(expr=(col("kind") == "cot") & col("error").is_null())))
+    # the arm's routing, from the split's small columns on the driver (as arm_rows rewrites it)
+    sdir = stage_dir(cfg, "split")
+    t = pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
+    ids, split_t = t["item_id"].to_pylist(), t["treatment"].to_pylist()
+    treat = {"caft": split_t, "distill": ["cot"] * len(ids),
+             "random_routing": ["cot" if i in random_ids else "direct" for i in ids]}.get(arm, ["direct"] * len(ids))
+    routed = {k: treat.count(k) for k in set(treat)}
+    fit(arm_rows(rows, arm, cfg, random_ids), cot if routed.get("cot") else None,  # no CoT rows: no join
+        arm_cfg(cfg, arm), train_dir, stage=f"train:{arm}", routed=routed)
+    ex = store.columns(store.join(train_dir, "examples"), ["item_id", "kind", "error"])
+    routed_cot = {i for i, x in zip(ids, treat) if x == "cot"}
+    used = ex.filter(pc.and_(pc.equal(ex["kind"], "cot"), pc.is_null(ex["error"])))
+    return store.join(train_dir, "model"), routed_cot, set(used["item_id"].to_pylist())
 
 
 def train_arms(cfg: CftConfig) -> str:
@@ -266,8 +261,6 @@ def train_arms(cfg: CftConfig) -> str:
 
 def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[str | None, str]) -> dict:
     """Train (unless base) and evaluate one arm; returns its metrics (also written to the eval dir)."""
-    import ray
-
     from cft_ray.split import load_split
 
     train_dir, eval_dir = dirs
@@ -284,8 +277,12 @@ def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[st
     pdir = store.join(eval_dir, "predictions")
     store.reset(pdir)
     evaluate(load_split(sdir, "test"), model_dir, cfg, kind).write_parquet(pdir)
-    df = ray.data.read_parquet(pdir).to_pandas()
-    balanced = set(load_split(sdir, "test_balanced").to_pandas()["item_id"]) if cfg.eval.balanced else None
+    preds = store.columns(pdir, [c for c in PRED_SCHEMA.names if c != "text"]).to_pandas()
+    df = store.columns(store.join(sdir, "test"), META).to_pandas().merge(preds, on="item_id", how="left")
+    if len(preds) != len(df) or df["correct"].isna().any():  # every test row gets exactly one prediction
+        raise RuntimeError(f"eval {arm}: {len(preds)} predictions for {len(df)} test rows")
+    balanced = set(store.columns(store.join(sdir, "test_balanced"), ["item_id"])["item_id"].to_pylist()) \
+        if cfg.eval.balanced else None
     for name, part in (("test", df), ("test_balanced", None if balanced is None else df[df["item_id"].isin(balanced)])):
         if part is not None:
             sets[name] = accuracy(part)

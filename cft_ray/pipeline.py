@@ -113,6 +113,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
             cost.main(cfg)
         if action.startswith("skip"):
             run["stages"].setdefault(s, {})["skipped"] = action
+            store.write_json(manifest_path, run)
             continue
         if action == "re-run" and isinstance(where, str):
             store.reset(where)

@@ -12,7 +12,7 @@ import logging
 import time
 
 from cft_ray import prompts, store
-from cft_ray.config import CftConfig, ModelConfig, stage_dir
+from cft_ray.config import CftConfig, ModelConfig, stage_dir, teacher_coverage
 
 log = logging.getLogger("cft_ray")
 
@@ -73,6 +73,10 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
     pool = sum(x for x, b in zip(per_bucket, names) if routes[b] != "drop")
     cot_items = sum(x for x, b in zip(per_bucket, names) if routes[b] == "cot")
     hard_frac = cot_items / pool if pool else 0.0
+    # the teacher covers every arm's CoT rows (config.teacher_coverage): all rows for distill;
+    # random routing's subset overlaps caft's by chance only, so it is counted in full
+    cover = teacher_coverage(cfg.arms)
+    taught = pool if "all" in cover else cot_items * len(cover)
     out_tokens = cfg.teach.max_tokens * p.teacher_fill
     attempts = 1 + (cfg.teach.samples - 1) * p.resample_rate if cfg.teach.policy == "resample" else 1
     train_mult = 4 if cfg.train.method == "lora" else 6
@@ -92,10 +96,10 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
     teacher_n = teacher_params or 0.0
     plan = {
         "score": stage(n_items * lengths["score_prompt"], 2 * student_params, p.mfu_prefill, items=n_items),
-        "teach": stage(cot_items * attempts * (lengths["teacher_prompt"] + out_tokens), 2 * teacher_n,
-                       p.mfu_decode, calls=round(cot_items * attempts),
-                       tokens_in=round(cot_items * attempts * lengths["teacher_prompt"]),
-                       tokens_out=round(cot_items * attempts * out_tokens)),
+        "teach": stage(taught * attempts * (lengths["teacher_prompt"] + out_tokens), 2 * teacher_n,
+                       p.mfu_decode, calls=round(taught * attempts),
+                       tokens_in=round(taught * attempts * lengths["teacher_prompt"]),
+                       tokens_out=round(taught * attempts * out_tokens)),
         "train": stage(train_tokens, train_mult * student_params, p.mfu_train, target_tokens=round(target_tokens)),
         "evaluate": stage(eval_tokens, 2 * student_params, p.mfu_decode, arms=len(cfg.arms)),
     }

@@ -106,7 +106,7 @@ def plan_vs_actual(p: dict, dirs: dict, run_dir: str) -> list[tuple[str, str, fl
     tm = store.join(train_dir, "train_manifest.json") if train_dir else None
     tm = store.read_json(tm) if tm and store.exists(tm) else None
     out.append(("tokens x epochs", "train caft", st["train"]["tokens"],
-                tm and sum(ph["tokens_per_epoch"] * ph["epochs"] for ph in tm["phases"])))
+                tm and sum(ph["tokens_per_epoch"] * ph["epochs"] for ph in tm["phases"] if ph["steps"])))
     out.append(("target tokens x epochs", "train caft", st["train"]["target_tokens"], tm and tm["data_spent_target_tokens"]))
     return out
 
@@ -145,7 +145,7 @@ def render(run_dir: str) -> str:
         roc = store.read_json(store.join(sdir, "roc.json"))
         ov = roc["overall"]
         lines += ["## Score: how unsure is the student?",
-                  f"Student accuracy on its own answer token: {ov['accuracy']:.3f} over {ov['n']:,} valid rows; "
+                  f"Student accuracy on its own answer token: {_fmt(ov['accuracy'])} over {ov['n']:,} valid rows; "
                   f"{m['throughput']['rows_per_s']:.1f} rows/s, {m['throughput']['tokens_per_s']:.0f} tokens/s, "
                   f"padding waste {m['throughput'].get('padding_waste')}.", "",
                   "ROC AUC of each metric as a predictor of a correct answer (confidence = 1 - metric/max):", ""]

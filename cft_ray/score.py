@@ -98,7 +98,7 @@ class Scorer:
 
         self.device = models.device_of(cfg.student)
         if self.device == "cpu":  # one intra-op thread per reserved CPU; more would fight Ray's tasks
-            torch.set_num_threads(max(1, int(cfg.score.pool.num_cpus)))
+            torch.set_num_threads(cfg.score.pool.cpu_threads())
         self.tok, self.model = models.load(cfg.student, self.device)
         self.kind = prompt
         self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback and prompt == "score"

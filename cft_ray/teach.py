@@ -133,7 +133,7 @@ class HFTeacher:
         from cft_ray import models
 
         if models.device_of(cfg.teach.model) == "cpu":
-            torch.set_num_threads(max(1, int(cfg.teach.pool.num_cpus)))
+            torch.set_num_threads(cfg.teach.pool.cpu_threads())
         self.cfg, self.t, self.kind = cfg, cfg.teach, prompt
         self.tok, self.model = models.load(cfg.teach.model)
         self.tok.padding_side = "left"
@@ -325,13 +325,11 @@ def _vllm_failed_rows(t: pa.Table) -> pa.Table:
 
 
 def teach(ds, cfg: CftConfig, sample_idx: int = 0, prompt: str = "teacher"):
-    """One teacher attempt for every row routed to `cot` (rows without `treatment` are all taught):
+    """One teacher attempt for every row of `ds` (the caller picks the rows: main() the CoT-routed ones):
     a Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised. Evaluation reuses it with
     the student as `teach.model` and `prompt` = "direct" or "cot" (the prompt the arm trained on)."""
-    from ray.data.expressions import col, lit
+    from ray.data.expressions import lit
 
-    if "treatment" in ds.columns():
-        ds = ds.filter(expr=col("treatment") == "cot")
     ds = ds.select_columns(["item_id", "question", "options", "answer", "subject"]) \
         .with_column("sample_idx", lit(sample_idx))
     t = cfg.teach
@@ -386,11 +384,9 @@ def load_cot(teach_dir: str):
 
 def _columns(parts_dir: str, columns: list[str], files: list[str] | None = None) -> pa.Table:
     """Small columns of complete part files, on the driver (ids and counters, never the texts)."""
-    files = store.part_files(parts_dir) if files is None else files
-    if not files:
+    if not (store.part_files(parts_dir) if files is None else files):
         return pa.schema([SAMPLE_SCHEMA.field(c) for c in columns]).empty_table()
-    fs, _ = store._fs(parts_dir)
-    return pa.concat_tables(pq.read_table(f.split("://", 1)[-1], columns=columns, filesystem=fs) for f in files)
+    return store.columns(parts_dir, columns, files)
 
 
 def _only(ds, ids: pa.Array):

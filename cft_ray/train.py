@@ -122,10 +122,12 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     import ray
     from ray.data.expressions import col
 
-    missing = ROUTED_COLUMNS - set(rows.schema().names)
+    schema = rows.schema(fetch_if_missing=False)  # known for Parquet reads; a lazy chain would run to find out
+    names = schema.names if schema is not None else sorted(ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"})
+    missing = ROUTED_COLUMNS - set(names)
     if missing:
         raise ValueError(f"routed rows lack columns {sorted(missing)}")
-    keep = [c for c in rows.schema().names if c in ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"}]
+    keep = [c for c in names if c in ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"}]
     routed = rows.select_columns(keep).filter(expr=col("treatment") != "drop")
     if cot is not None:
         # Hash join: scales to corpora bigger than any one node (needs polars).
@@ -193,8 +195,7 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
 
     tc = cfg.train
     ok = examples.filter(expr=col("error").is_null()).materialize()
-    order = ok.groupby("bucket").min("bucket_idx").to_pandas()
-    buckets = list(order.sort_values(order.columns[1], kind="stable")["bucket"]) if len(order) else []
+    buckets = cfg.split.buckets()  # easiest first, as the split named them (no shuffle job to find out)
     global_batch = tc.num_workers * tc.micro_batch * tc.grad_accum
     plan, datasets = [], {}
     keep = ["input_ids", "labels", "n_tokens", "n_target"]
@@ -212,18 +213,20 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         # drop_last per epoch: every worker runs the same number of full steps (collectives never
         # wait on a worker that ran out of rows); the tail rows move with the per-epoch shuffle.
         spe = (rows // tc.num_workers) // (tc.micro_batch * tc.grad_accum)
-        if rows and spe == 0:
-            raise ConfigError(f"phase {ph.name}: {rows} rows are fewer than one global batch "
-                              f"({tc.num_workers} workers x micro_batch {tc.micro_batch} x grad_accum {tc.grad_accum})")
+        if rows and spe == 0:  # e.g. few kept teacher outputs: the other phases still train; the manifest says so
+            log.warning("train: phase %s has %d rows, fewer than one global batch (%d workers x micro_batch %d x "
+                        "grad_accum %d): skipped", ph.name, rows, tc.num_workers, tc.micro_batch, tc.grad_accum)
         entry = {"name": ph.name, "treatments": list(ph.treatments), "buckets": ph.buckets, "epochs": ph.epochs,
                  "rows": rows, "valid_rows": n_valid, "steps_per_epoch": spe,
                  "steps": max(1, round(ph.epochs * spe)) if spe else 0,
                  "tokens_per_epoch": int(sums["sum(n_tokens)"] or 0), "target_tokens_per_epoch": int(sums["sum(n_target)"] or 0),
                  "rows_unused_per_epoch": rows - spe * global_batch, "dataset": f"train_{i}",
                  "valid": f"valid_{i}" if n_valid >= tc.num_workers else None}
-        entry["data_spent_target_tokens"] = round(entry["target_tokens_per_epoch"] * ph.epochs)
+        entry["data_spent_target_tokens"] = round(entry["target_tokens_per_epoch"] * ph.epochs) if spe else 0
         if not rows:
             log.warning("train: phase %s has no rows; skipped", ph.name)
+        elif not spe:
+            entry["skipped"] = f"{rows} rows < one global batch of {global_batch}"
         else:
             datasets[entry["dataset"]] = train
             if entry["valid"]:
@@ -316,11 +319,10 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
             "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
 
 
-def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train") -> str:
+def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None) -> str:
     """Routed rows (+ CoT) -> examples/ (tokenised once, so a re-run after a crash goes straight to
-    training) -> Ray Train -> `out` finished with its manifest; a finished `out` is returned as is."""
-    from ray.data.expressions import col
-
+    training) -> Ray Train -> `out` finished with its manifest; a finished `out` is returned as is.
+    `routed` = rows per treatment when the caller knows them (else one pass over `rows` counts them)."""
     if store.is_done(out):
         return out
     started = time.time()
@@ -329,18 +331,23 @@ def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train") -> str:
         store.reset(ex_dir)
         build_examples(rows, cot, cfg).write_parquet(ex_dir)
         store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
+    import pyarrow.compute as pc
     import ray
-    examples = ray.data.read_parquet(ex_dir)
-    errors = examples.filter(expr=col("error").is_not_null())
-    n_in, n_drop = rows.count(), rows.filter(expr=col("treatment") == "drop").count()
-    n_rows, n_err = examples.count(), errors.count()
+
+    # counts on the driver from small columns: one Ray Data pass over the routed rows, none over examples
+    treat = dict(routed or {})
+    for b in [] if routed is not None else rows.select_columns(["treatment"]).iter_batches(batch_format="pyarrow"):
+        for v, n in zip(*pc.value_counts(b["treatment"]).flatten()):
+            treat[v.as_py()] = treat.get(v.as_py(), 0) + n.as_py()
+    n_in, n_drop = sum(treat.values()), treat.get("drop", 0)
+    small = store.columns(ex_dir, ["error", "truncated"])
+    n_rows, n_err = small.num_rows, small.num_rows - small["error"].null_count
     reasons: dict = {}
-    for b in errors.select_columns(["error"]).iter_batches(batch_format="pyarrow"):
-        for r in b["error"].to_pylist():
-            k = r.split("(")[0].strip()
-            reasons[k] = reasons.get(k, 0) + 1
-    n_trunc = int(examples.sum("truncated") or 0) if n_rows else 0
-    model_dir = train(examples, cfg, out)
+    for r in small["error"].drop_null().to_pylist():
+        k = r.split("(")[0].strip()
+        reasons[k] = reasons.get(k, 0) + 1
+    n_trunc = int(pc.sum(small["truncated"]).as_py() or 0)
+    model_dir = train(ray.data.read_parquet(ex_dir), cfg, out)
     tm = store.read_json(store.join(out, "train_manifest.json"))
     counts = {"rows_in": n_in, "routed_drop": n_drop, "examples": n_rows, "rows_out": n_rows - n_err, "errors": n_err,
               "error_reasons": reasons, "truncated": n_trunc}

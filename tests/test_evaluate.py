@@ -37,10 +37,14 @@ def marker_model(tmp_path_factory, smollm2_dir):
     labels = torch.tensor([[IGNORE] * (width - len(lab)) + lab for _, lab, _ in enc])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(i) for i, _, _ in enc])[:, None]).long()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Left padding puts every target at the end: the LM head runs on the last k positions only (10x faster).
+    k = max(sum(1 for x in lab if x != IGNORE) for _, lab, _ in enc) + 1
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for _ in range(300):
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+    for _ in range(400):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1 - k:].reshape(-1), ignore_index=IGNORE)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,8 +63,7 @@ def _cfg(model_dir, mode):
 def test_direct_equals_generate_on_a_marker_trained_model(ray_local, marker_model):
     model_dir, items, final_loss = marker_model
     assert final_loss < 0.05, "the fixture must fit its answers, or the comparison says nothing"
-    ds = ray_local.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)).map_batches(
-        lambda t: t.append_column("bucket", pa.array(["hard"] * len(t), pa.string())), batch_format="pyarrow")
+    ds = ray_local.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA))
     got = {}
     for mode in ("direct", "generate"):
         df = evaluate.evaluate(ds, model_dir, _cfg(model_dir, mode), "direct").to_pandas().set_index("item_id")
@@ -69,8 +72,8 @@ def test_direct_equals_generate_on_a_marker_trained_model(ray_local, marker_mode
     d, g = got["direct"], got["generate"]
     assert g["pred"].notna().all(), "generate mode parsed a [[k]] from every completion"
     assert (d["pred"] == g["pred"]).all() and (d["correct"] == g["correct"]).all()
-    acc = evaluate.accuracy(d.reset_index())["accuracy"]
-    assert acc == evaluate.accuracy(g.reset_index())["accuracy"] and acc > 0.9  # trained answers, not chance
+    acc = d["correct"].mean()
+    assert acc == g["correct"].mean() and acc > 0.9  # trained answers, not chance
     assert (g["completion_tokens"] > 0).all() and g["text"].str.contains(r"\[\[").all()
 
 

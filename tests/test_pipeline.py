@@ -1,4 +1,4 @@
-"""The whole pipeline (`cft-ray run`) on tiny data with a tiny random model: every arm trains and is
+"""The whole pipeline (`cft-ray run`) on tiny data with a tiny random model: the arms train and are
 evaluated, the report renders, a re-run skips every finished stage, `--dry-run` says so."""
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ import pytest
 from cft_ray import pipeline, store
 from cft_ray.config import load_config, stage_dir
 
-ARMS = ["base", "sft", "distill", "caft", "curriculum", "random_routing"]
+# The embedded default's arms plus distill (teacher coverage "all", data-spent comparison). Every arm
+# trained on this tiny run once (report in issue 7's note); CI runs three: each costs ~2 min here.
+ARMS = ["base", "caft", "distill"]
 
 
 def tiny_run_overrides(run_dir, model_dir, arms=ARMS) -> list[str]:
     """Everything small: 60 MMLU items, the tiny model as student and teacher (transformers backends)."""
     return [f"run_dir={run_dir}", "data.limit=60", f"student.name={model_dir}", "student.dtype=float32",
-            "score.pool.batch_size=16", "split.test_fraction=0.25",
+            "score.pool.batch_size=16", "split.test_fraction=0.25", "split.exclude=[]",  # a random model answers no label
             "teach.backend=hf", f"teach.model.name={model_dir}", "teach.model.dtype=float32",
             "teach.constrain_format=true", "teach.max_tokens=12", "teach.samples=1", "teach.pool.batch_size=8",
-            "train.num_workers=1", "train.micro_batch=8", "train.lora_r=4", "train.lora_alpha=8",
+            "teach.policy=keep_all",  # a random teacher is rarely right: keep its outputs so CoT phases have rows
+            "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
             "train.precision=fp32", "train.max_length=512", "train.checkpoint_every_steps=100", "train.pool.size=1",
             "eval.mode=generate", "eval.backend=hf", "eval.max_new_tokens=8", "eval.pool.batch_size=8",
             "teach.hf_micro_batch=8", f"arms=[{','.join(arms)}]"]
@@ -35,7 +38,7 @@ def tiny_run(ray_local, tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.heavy
-def test_every_arm_trains_evaluates_and_reports(tiny_run):
+def test_arms_train_evaluate_and_report(tiny_run):
     cfg, report = tiny_run
     arms = store.read_json(store.join(cfg.run_dir, "arms.json"))
     assert list(arms) == ARMS
@@ -47,12 +50,10 @@ def test_every_arm_trains_evaluates_and_reports(tiny_run):
         assert "test_balanced" in v["sets"]
     spent = {a: v["data_spent"] for a, v in arms.items()}
     assert spent["base"]["target_tokens"] == 0 and spent["base"]["teacher_calls"] == 0
-    # CoT targets are longer than "[[k]]": distillation spends most, caft in between, SFT least
-    assert spent["distill"]["target_tokens"] > spent["caft"]["target_tokens"] > spent["sft"]["target_tokens"] > 0
-    assert spent["sft"]["teacher_calls"] == 0 and spent["curriculum"]["teacher_calls"] == 0
+    # CoT targets are longer than "[[k]]" and distill routes every row to CoT: it spends most
+    assert spent["distill"]["target_tokens"] > spent["caft"]["target_tokens"] > 0
     assert spent["distill"]["teacher_calls"] > spent["caft"]["teacher_calls"] > 0
-    assert spent["random_routing"]["teacher_calls"] == spent["caft"]["teacher_calls"]  # same size of CoT set
-    assert arms["caft"]["prompt"] == "cot" and arms["sft"]["prompt"] == "direct"
+    assert arms["caft"]["prompt"] == "cot" and arms["base"]["prompt"] == "direct"
     text = open(report).read()
     for section in ("## Score", "## Split", "## Teach", "## Arms", "## Time per stage", "CAFT spends"):
         assert section in text, section
@@ -76,8 +77,8 @@ def test_rerun_skips_finished_stages(tiny_run, capsys):
     run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
     assert run["stages"]["score"]["skipped"] and run["stages"]["arms"]["skipped"]
     assert [os.path.getmtime(f) for f in score_parts] == mtimes
-    # arms that need no teacher plan no teach stage; upstream stages are shared, so they are skipped
-    fewer = cfg.model_copy(update={"arms": ["base", "sft"]})
+    # arms that need no teacher plan no teach stage; the stages they share are skipped
+    fewer = cfg.model_copy(update={"arms": ["base"]})
     pipeline.main(fewer, dry_run=True)
     plan = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
     assert "teach" not in plan and plan["score"] == "skip" and plan["arms"] == "skip"

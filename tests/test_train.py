@@ -252,8 +252,10 @@ def test_main_zero3_full_finetune(ray_local, tiny_model_dir, tmp_path):
     for d in (split, teach):
         store.finish(d, {"stage": "test"})
     from cft_ray import train as train_stage
+    from cft_ray.evaluate import arm_dirs
 
-    out = train_stage.main(cfg)
+    assert train_stage.main(cfg) == str(tmp_path)  # trains every arm of cfg.arms but base: caft
+    out = arm_dirs(cfg)["caft"][0]
     man = store.read_json(f"{out}/manifest.json")
     c = man["counts"]
     assert (c["rows_in"], c["routed_drop"], c["examples"], c["errors"], c["rows_out"]) == (48, 1, 47, 1, 46)
@@ -262,4 +264,6 @@ def test_main_zero3_full_finetune(ray_local, tiny_model_dir, tmp_path):
     assert m["trainable_params"] == m["params"]
     model = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] == 6
-    assert train_stage.main(cfg) == out  # finished: skipped
+    done_at = os.path.getmtime(f"{out}/_SUCCESS")
+    train_stage.main(cfg)
+    assert os.path.getmtime(f"{out}/_SUCCESS") == done_at  # finished: skipped

@@ -273,7 +273,9 @@ def test_resume_after_killed_run_scores_every_item_once(ray_local, tmp_path, tin
     parts = store.join(out, "parts")
     addr = ray_local.get_runtime_context().gcs_address
     # The real CLI as a separate driver on the same cluster, SIGKILLed once some parts are on disk.
-    proc = subprocess.Popen([sys.executable, "-m", "cft_ray.cli", "score", *common, f"ray.address={addr}"],
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # the field defaults, as load_config(None, common)
+    proc = subprocess.Popen([sys.executable, "-m", "cft_ray.cli", "score", "-c", str(tmp_path / "defaults.yaml"),
+                             *common, f"ray.address={addr}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and len(store.part_files(parts)) < 3:

@@ -317,7 +317,8 @@ def test_ray_split_same_seed_same_split_whatever_the_block_layout(default_run, t
     cfg, data, out = default_run
     over = [f"run_dir={tmp_path}", *CAP, "split.normalize=rank"]
     fake_score_stage(load_config(None, over), data, parts=7)
-    assert cli.main(["split", *over]) == 0
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # the field defaults, as load_config(None, ...) above
+    assert cli.main(["split", "-c", str(tmp_path / "defaults.yaml"), *over]) == 0
     again = stage_dir(load_config(None, over), "split")
 
     def fate(d):

@@ -87,6 +87,19 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
+def _trim() -> None:
+    """Hand freed heap back to the OS after a batch: every micro-batch has another shape, and glibc keeps
+    the fragments, so a long-running actor's RSS grew with the corpus (890 MB at 1k items, 1.55 GB at 4k)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (musl): nothing to trim
+            pass
+
+
 class Scorer:
     """Ray Data actor: a pyarrow batch of items -> the same rows with SCORE_FIELDS appended.
     `prompt="direct"` scores the direct-answer prompt after "[[" (direct-mode evaluation)."""
@@ -160,7 +173,9 @@ class Scorer:
                     res[chunk[0][0]]["error"] = f"scoring failed: {type(e).__name__}: {e}"[:500]
                 self._free()
             pos += len(chunk)
-        return self._table(batch, rows, res)
+        out = self._table(batch, rows, res)
+        _trim()
+        return out
 
     def _free(self) -> None:
         import torch

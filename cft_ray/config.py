@@ -230,12 +230,18 @@ class EvalConfig(_Base):
 
 
 class SelectConfig(_Base):
-    alpha: float = Field(0.1, gt=0, lt=1, description="Warm-up fraction that trains the calibrated model.")
-    gamma: float = Field(0.1, ge=0, lt=0.5, description="dNLL tails dropped on each side.")
-    beta: float = Field(0.1, gt=0, le=1, description="Budget kept, as a fraction of the pool.")
-    budget_by: Literal["items", "tokens"] = Field("items", description="Count the budget in items (paper) or response tokens (reference code).")
-    iterations: int = Field(1, ge=1, description="Rounds; each round's selection trains the next calibrated model (paper: 2).")
+    """InstructDiff (METHOD.md B), used when `selection: instructdiff`."""
+    alpha: float = Field(0.1, gt=0, lt=1, description="Warm-up fraction of the pool that trains the calibrated model (paper 0.1): larger = better calibrated, more training.")
+    gamma: float = Field(0.1, ge=0, lt=0.5, description="dNLL tails dropped on each side (paper 0.1): 0 keeps outliers the paper found harmful.")
+    beta: float = Field(0.1, gt=0, le=1, description="Budget kept, as a fraction of the pool (paper 0.1): smaller = cheaper training, riskier coverage.")
+    budget_by: Literal["items", "tokens"] = Field("items", description="Count the budget in items (paper) or response tokens (reference code; favours short responses less).")
+    iterations: int = Field(1, ge=1, description="Rounds; each round's selection trains the next calibrated model (paper: 2): each round costs a training run and a scoring pass.")
     seed: int = Field(0, description="Seed of the warm-up sample.")
+    response: Literal["direct", "cot"] = Field("direct", description="Gold response of a multiple-choice item: its direct answer [[k]] (no teacher needed) or the kept teacher CoT (needs the teach stage; items without one are not selectable). Instruction data uses its `response` column.")
+    pool: ActorPool = Field(default_factory=lambda: ActorPool(batch_size=256), description="Response-scoring actors (teacher-forced, one model copy each).")
+    token_budget: int = Field(4096, ge=16, description="Max padded tokens per forward micro-batch: larger = better utilisation, more memory.")
+    logit_tokens: int = Field(2048, ge=16, description="Max response positions whose full-vocabulary logits exist at once (memory = this x vocab x 4 bytes).")
+    max_tokens: int = Field(2048, ge=16, description="Prompt + response tokens kept per item (longer ones keep their end, as in training).")
 
 
 class PlanConfig(_Base):
@@ -250,7 +256,8 @@ class PlanConfig(_Base):
     teacher_params_b: float | None = Field(None, gt=0, description="Teacher size in billions (needed for an openai endpoint teacher's FLOPs).")
 
 
-ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instructdiff")
+ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instructdiff", "random_select")
+SELECT_ARMS = {"instructdiff", "random_select"}  # trained on the select stage's subset (or a random one of its size)
 
 
 class CftConfig(_Base):
@@ -264,6 +271,7 @@ class CftConfig(_Base):
     teach: TeachConfig = Field(default_factory=TeachConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    selection: Literal["entropy", "instructdiff"] = Field("entropy", description="How training data is chosen: entropy routing (the split's buckets; caft) or also the InstructDiff select stage, which the instructdiff/random_select arms train on (costs a warm-up training run and two scoring passes).")
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     arms: list[Literal[ARMS]] = Field(default_factory=lambda: ["base", "caft"], description="Experiment arms to train and evaluate; each costs a training run.")  # type: ignore[valid-type]
@@ -276,6 +284,9 @@ class CftConfig(_Base):
                  "thresholds": len(self.split.thresholds) + 1}[self.split.method]
             if len(names) != n:
                 raise ValueError(f"split.bucket_names: {len(names)} names for {n} buckets")
+        need = sorted(SELECT_ARMS & set(self.arms))
+        if need and self.selection != "instructdiff":
+            raise ValueError(f"selection: arms {need} train on the InstructDiff selection; set selection=instructdiff")
         return self
 
 
@@ -326,6 +337,8 @@ STAGE_INPUTS = {
     "score": ["data", "student", "prompt", "score"],
     "split": ["data", "student", "prompt", "score", "split"],
     "teach": ["data", "student", "prompt", "score", "split", "teach"],
+    # the warm-up trains with the train section; a CoT response reads the teacher's outputs
+    "select": ["data", "student", "prompt", "score", "split", "teach", "select", "train"],
 }
 
 
@@ -336,12 +349,13 @@ EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 COVERAGE_ARMS = {"all": "distill", "routed": "caft", "random": "random_routing"}
 
 
-def teacher_coverage(arms) -> set[str]:
-    """Which train rows the teach stage must cover for these arms: all (distill), the split's CoT rows
-    (caft), the random-routing subset. The teach manifest records it: a finished teach stage whose
-    coverage lacks a newly added arm's rows re-opens and generates only the missing ones."""
+def teacher_coverage(arms, select_cot: bool = False) -> set[str]:
+    """Which train rows the teach stage must cover for these arms: all (distill, or InstructDiff scoring
+    CoT responses), the split's CoT rows (caft), the random-routing subset. The teach manifest records
+    it: a finished teach stage whose coverage lacks a newly added arm's rows re-opens and generates
+    only the missing ones."""
     need = {c for c, a in COVERAGE_ARMS.items() if a in arms}
-    return {"all"} if "all" in need else need
+    return {"all"} if "all" in need or select_cot else need
 
 
 def stage_dir(cfg: CftConfig, stage: str) -> str:

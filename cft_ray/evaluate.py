@@ -7,7 +7,8 @@ An arm is a rewrite of the split's `treatment` column plus a schedule:
   caft            the split's routing (hard -> CoT)         (train.schedule: paper's two phases)
   curriculum      every row direct, easy -> medium -> hard  (one phase per bucket)
   random_routing  CoT on a seeded random subset of the size of caft's CoT set, direct elsewhere
-  instructdiff    the InstructDiff selection, direct        (cft_ray/select.py)
+  instructdiff    only the InstructDiff selection (select.response: direct or CoT) (cft_ray/select.py)
+  random_select   a seeded random subset of the selection's size, same response  (its control)
 Arms share the scored data, the split and the teacher's outputs: the teach stage generates once for
 the union of the rows any requested arm routes to CoT. Rows whose teacher output was not kept train
 direct in every arm (counted as `cot_fallback`).
@@ -26,14 +27,14 @@ import numpy as np
 import pyarrow as pa
 
 from cft_ray import store
-from cft_ray.config import CftConfig, ConfigError, config_hash, stage_dir
+from cft_ray.config import SELECT_ARMS, CftConfig, ConfigError, config_hash, stage_dir
 
 log = logging.getLogger("cft_ray")
 
 COT_ARMS = {"distill", "caft", "random_routing"}  # arms whose model answers with reasoning
 RECIPES = {  # arm -> train.schedule
     "sft": "merged", "distill": "merged", "caft": None, "curriculum": "curriculum",
-    "random_routing": None, "instructdiff": "merged",
+    "random_routing": None, "instructdiff": "merged", "random_select": "merged",
 }
 PRED_SCHEMA = pa.schema([  # one row per test item; bucket/subject come from the split at metric time
     pa.field("item_id", pa.string()), pa.field("pred", pa.int32()), pa.field("correct", pa.bool_()),
@@ -46,14 +47,26 @@ def _cot_share(cfg: CftConfig) -> bool:
     return "cot" in cfg.split.treatments().values()
 
 
+def select_cot(cfg: CftConfig) -> bool:
+    """InstructDiff scores (and its arms train on) teacher CoT: the teacher must cover the whole pool."""
+    return cfg.selection == "instructdiff" and cfg.select.response == "cot"
+
+
+def _arm_needs_teacher(cfg: CftConfig, arm: str) -> bool:
+    return arm in ("distill", "random_routing") or (arm == "caft" and _cot_share(cfg)) or \
+        (arm in SELECT_ARMS and select_cot(cfg))
+
+
 def needs_teacher(cfg: CftConfig) -> bool:
-    return any(a in ("distill", "random_routing") or (a == "caft" and _cot_share(cfg)) for a in cfg.arms)
+    return select_cot(cfg) or any(_arm_needs_teacher(cfg, a) for a in cfg.arms)
 
 
 def prompt_kind(cfg: CftConfig, arm: str) -> str:
     """Which prompt an arm is evaluated with: the one it was trained on."""
     if arm == "caft":
         return "cot" if _cot_share(cfg) else "direct"
+    if arm in SELECT_ARMS:
+        return cfg.select.response
     return "cot" if arm in COT_ARMS else "direct"
 
 
@@ -64,9 +77,9 @@ def arm_cfg(cfg: CftConfig, arm: str) -> CftConfig:
 
 def arm_dirs(cfg: CftConfig) -> dict[str, tuple[str | None, str]]:
     """arm -> (train dir or None for base, eval dir); keyed by everything upstream + train + eval."""
-    base = stage_dir(cfg, "teach").rsplit("/", 1)[-1]
     out = {}
     for arm in cfg.arms:
+        base = stage_dir(cfg, "select" if arm in SELECT_ARMS else "teach").rsplit("/", 1)[-1]
         tcfg = arm_cfg(cfg, arm)
         t = None if arm == "base" else store.join(cfg.run_dir, f"train-{arm}-{config_hash(base, tcfg.train, arm)}")
         e = store.join(cfg.run_dir, f"eval-{arm}-{config_hash(base, tcfg.train, cfg.eval, arm)}")
@@ -76,24 +89,18 @@ def arm_dirs(cfg: CftConfig) -> dict[str, tuple[str | None, str]]:
 
 # ------------------------------------------------------------------------------------ routing per arm
 
-def random_cot_ids(rows_ids: list[str], n: int, seed: int) -> set[str]:
-    """A seeded random subset of exactly n ids (lowest keyed hash first: independent of row order)."""
-    from cft_ray.split import unit_hashes
-
-    if n <= 0:
-        return set()
-    h = unit_hashes(rows_ids, seed)[:, 0]
-    return {rows_ids[i] for i in np.argsort(h, kind="stable")[:n]}
-
-
-def arm_treatment(arm: str, ids: list[str], split_treatment: list[str], random_ids: set[str]) -> list[str]:
-    """The one rule of the arms: each row's treatment under `arm`, from its id and the split's routing."""
+def arm_treatment(arm: str, ids: list[str], split_treatment: list[str], subsets: dict[str, set[str]],
+                  select_kind: str = "direct") -> list[str]:
+    """The one rule of the arms: each row's treatment under `arm`, from its id, the split's routing and
+    the arm's id subset (random_routing: its CoT rows; select arms: their rows, validation included)."""
     if arm == "caft":
         return list(split_treatment)
     if arm == "distill":
         return ["cot"] * len(ids)
     if arm == "random_routing":
-        return ["cot" if i in random_ids else "direct" for i in ids]
+        return ["cot" if i in subsets[arm] else "direct" for i in ids]
+    if arm in SELECT_ARMS:
+        return [select_kind if i in subsets[arm] else "drop" for i in ids]
     return ["direct"] * len(ids)
 
 
@@ -103,46 +110,58 @@ def split_routing(cfg: CftConfig) -> pa.Table:
     return pa.concat_tables(store.columns(store.join(sdir, s), ["item_id", "treatment"]) for s in ("train", "valid"))
 
 
-def arm_rows(rows, arm: str, cfg: CftConfig, random_ids: set[str] | None = None):
+def arm_rows(rows, arm: str, cfg: CftConfig, subsets: dict[str, set[str]] | None = None):
     """The split's train+valid rows with `treatment` rewritten for `arm`."""
     import ray
 
     if arm == "caft":
         return rows
-    ref = ray.put(random_ids or set())
+    ref = ray.put({arm: (subsets or {}).get(arm, set())})
+    kind = cfg.select.response
 
     def rewrite(t: pa.Table) -> pa.Table:
-        tr = arm_treatment(arm, t["item_id"].to_pylist(), t["treatment"].to_pylist(), ray.get(ref))
+        tr = arm_treatment(arm, t["item_id"].to_pylist(), t["treatment"].to_pylist(), ray.get(ref), kind)
         return t.set_column(t.schema.get_field_index("treatment"), "treatment", pa.array(tr, pa.string()))
 
     return rows.map_batches(rewrite, batch_format="pyarrow")
 
 
 def routed_rows(cfg: CftConfig):
-    """(train+valid rows of the split, the random-routing subset) shared by every arm."""
+    """(train+valid rows of the split, {arm: its id subset}) shared by every arm: random_routing's CoT
+    rows; the InstructDiff selection and a random subset of its size, each with the validation rows."""
     from cft_ray.split import load_split
 
     sdir = stage_dir(cfg, "split")
     if not store.is_done(sdir):
         raise ConfigError(f"arms: the split stage is not finished ({sdir}); run `cft-ray split` first")
+    from cft_ray.split import seeded_subset
+
     rows = load_split(sdir, "train").union(load_split(sdir, "valid"))
-    random_ids: set[str] = set()
+    subsets: dict[str, set[str]] = {}
     if "random_routing" in cfg.arms:
         t = split_routing(cfg)
         n_cot = int(pa.compute.sum(pa.compute.equal(t["treatment"], "cot")).as_py() or 0)
-        random_ids = random_cot_ids(sorted(t["item_id"].to_pylist()), n_cot, cfg.split.seed + 1)
-    return rows, random_ids
+        subsets["random_routing"] = seeded_subset(sorted(t["item_id"].to_pylist()), n_cot, cfg.split.seed + 1)
+    if SELECT_ARMS & set(cfg.arms):
+        from cft_ray.select import selected_ids
+
+        chosen = selected_ids(cfg)
+        pool = sorted(store.columns(store.join(sdir, "train"), ["item_id"])["item_id"].to_pylist())
+        valid = set(store.columns(store.join(sdir, "valid"), ["item_id"])["item_id"].to_pylist())
+        subsets["instructdiff"] = chosen | valid
+        subsets["random_select"] = seeded_subset(pool, len(chosen), cfg.select.seed + 1) | valid
+    return rows, subsets
 
 
 def teacher_rows(cfg: CftConfig):
     """Rows the teach stage must cover (config.teacher_coverage): the union over the requested arms
     of the rows they route to CoT, as train+valid rows whose `treatment` says so."""
-    rows, random_ids = routed_rows(cfg)
-    if "distill" in cfg.arms:
+    rows, subsets = routed_rows(cfg.model_copy(update={"arms": [a for a in cfg.arms if a not in SELECT_ARMS]}))
+    if "distill" in cfg.arms or select_cot(cfg):
         return arm_rows(rows, "distill", cfg)
     import ray
 
-    ref = ray.put(random_ids)
+    ref = ray.put(subsets.get("random_routing", set()))
     use_caft = "caft" in cfg.arms
 
     def union(t: pa.Table) -> pa.Table:
@@ -230,7 +249,7 @@ def _spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict:
     return spent
 
 
-def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: str) -> tuple[str, set[str], set[str]]:
+def train_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], train_dir: str) -> tuple[str, set[str], set[str]]:
     """Train one arm (resuming or skipping as its dir says): (model dir, ids it routed to CoT, ids
     that trained on a kept teacher CoT; the rest of its CoT rows fell back to direct)."""
     import pyarrow.compute as pc
@@ -242,13 +261,13 @@ def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: s
         from cft_ray.teach import load_cot
 
         cot = load_cot(stage_dir(cfg, "teach"))
-    elif arm not in ("sft", "curriculum") and (arm != "caft" or _cot_share(cfg)):
+    elif _arm_needs_teacher(cfg, arm):
         raise ConfigError(f"arm {arm}: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
     t = split_routing(cfg)  # the arm's routing on the driver, by the same rule arm_rows applies
     ids = t["item_id"].to_pylist()
-    treat = arm_treatment(arm, ids, t["treatment"].to_pylist(), random_ids)
+    treat = arm_treatment(arm, ids, t["treatment"].to_pylist(), subsets, cfg.select.response)
     routed = {k: treat.count(k) for k in set(treat)}
-    fit(arm_rows(rows, arm, cfg, random_ids), cot if routed.get("cot") else None,  # no CoT rows: no join
+    fit(arm_rows(rows, arm, cfg, subsets), cot if routed.get("cot") else None,  # no CoT rows: no join
         arm_cfg(cfg, arm), train_dir, stage=f"train:{arm}", routed=routed)
     ex = store.columns(store.join(train_dir, "examples"), ["item_id", "kind", "error"])
     routed_cot = {i for i, x in zip(ids, treat) if x == "cot"}
@@ -258,15 +277,15 @@ def train_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], train_dir: s
 
 def train_arms(cfg: CftConfig) -> str:
     """`cft-ray train`: every arm but base, each into its own train dir; returns the run dir."""
-    rows, random_ids = routed_rows(cfg)
+    rows, subsets = routed_rows(cfg)
     for arm, (t, _) in arm_dirs(cfg).items():
         if t is not None:
             log.info("arm %s: train %s", arm, t)
-            train_arm(cfg, arm, rows, random_ids, t)
+            train_arm(cfg, arm, rows, subsets, t)
     return cfg.run_dir
 
 
-def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[str | None, str]) -> dict:
+def run_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], dirs: tuple[str | None, str]) -> dict:
     """Train (unless base) and evaluate one arm; returns its metrics (also written to the eval dir)."""
     from cft_ray.split import load_split
 
@@ -274,7 +293,7 @@ def run_arm(cfg: CftConfig, arm: str, rows, random_ids: set[str], dirs: tuple[st
     started = time.time()
     model_dir, routed_cot, used_cot = cfg.student.name, set(), set()
     if train_dir is not None:
-        model_dir, routed_cot, used_cot = train_arm(cfg, arm, rows, random_ids, train_dir)
+        model_dir, routed_cot, used_cot = train_arm(cfg, arm, rows, subsets, train_dir)
     train_s = time.time() - started
     kind = prompt_kind(cfg, arm)
     sdir = stage_dir(cfg, "split")
@@ -311,7 +330,7 @@ def main(cfg: CftConfig, force: bool = False) -> str:
     dirs = arm_dirs(cfg)
     if needs_teacher(cfg) and not store.is_done(stage_dir(cfg, "teach")):
         raise ConfigError(f"arms: the teach stage is not finished ({stage_dir(cfg, 'teach')}); run `cft-ray teach` first")
-    rows, random_ids = routed_rows(cfg)
+    rows, subsets = routed_rows(cfg)
     summary = {}
     for arm in cfg.arms:
         t, e = dirs[arm]
@@ -323,7 +342,7 @@ def main(cfg: CftConfig, force: bool = False) -> str:
             summary[arm] = store.read_json(store.join(e, "metrics.json"))
             continue
         log.info("arm %s: train %s, eval %s", arm, t, e)
-        summary[arm] = run_arm(cfg, arm, rows, random_ids, dirs[arm])
+        summary[arm] = run_arm(cfg, arm, rows, subsets, dirs[arm])
     out = store.join(cfg.run_dir, "arms.json")
     store.write_json(out, {a: {"eval_dir": dirs[a][1], "train_dir": dirs[a][0],
                                **{k: summary[a][k] for k in ("sets", "data_spent", "prompt", "mode")}} for a in cfg.arms})

@@ -1,4 +1,4 @@
-"""`cft-ray run`: data -> score -> split -> teach -> arms (train + evaluate each) -> report, in one job.
+"""`cft-ray run`: data -> score -> split -> teach -> select -> arms (train + evaluate each) -> report, in one job.
 
 Each stage writes under `<run_dir>/<stage>-<hash of the config sections that decide it>`; a finished
 stage (`_SUCCESS` + manifest) is skipped, an unfinished one resumes at row level (or from its
@@ -18,12 +18,12 @@ from cft_ray.config import CftConfig, ConfigError, config_hash, stage_dir
 
 log = logging.getLogger("cft_ray")
 
-STAGES = ["data", "score", "split", "teach", "arms", "report"]
+STAGES = ["data", "score", "split", "teach", "select", "arms", "report"]
 
 
 def stage_dirs(cfg: CftConfig) -> dict[str, str]:
     """Where each stage of this config writes (arms and report live in the run dir itself)."""
-    dirs = {s: stage_dir(cfg, s) for s in ("data", "score", "split", "teach")}
+    dirs = {s: stage_dir(cfg, s) for s in ("data", "score", "split", "teach", "select")}
     from cft_ray.evaluate import arm_dirs
 
     dirs["arms"] = arm_dirs(cfg)
@@ -42,10 +42,11 @@ def _done(stage: str, where, cfg: CftConfig) -> bool:
 
 
 def _needed(cfg: CftConfig) -> list[str]:
-    """The teacher only runs when some arm trains on chain-of-thought."""
+    """The teacher only runs when some arm trains on chain-of-thought; select only for InstructDiff."""
     from cft_ray.evaluate import needs_teacher
 
-    return [s for s in STAGES if s != "teach" or needs_teacher(cfg)]
+    skip = {s for s, need in (("teach", needs_teacher(cfg)), ("select", cfg.selection == "instructdiff")) if not need}
+    return [s for s in STAGES if s not in skip]
 
 
 def versions() -> dict:

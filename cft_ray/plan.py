@@ -75,7 +75,7 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
     hard_frac = cot_items / pool if pool else 0.0
     # the teacher covers every arm's CoT rows (config.teacher_coverage): all rows for distill;
     # random routing's subset overlaps caft's by chance only, so it is counted in full
-    cover = teacher_coverage(cfg.arms)
+    cover = teacher_coverage(cfg.arms, cfg.selection == "instructdiff" and cfg.select.response == "cot")
     taught = pool if "all" in cover else cot_items * len(cover)
     out_tokens = cfg.teach.max_tokens * p.teacher_fill
     attempts = 1 + (cfg.teach.samples - 1) * p.resample_rate if cfg.teach.policy == "resample" else 1
@@ -103,6 +103,15 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
         "train": stage(train_tokens, train_mult * student_params, p.mfu_train, target_tokens=round(target_tokens)),
         "evaluate": stage(eval_tokens, 2 * student_params, p.mfu_decode, arms=len(cfg.arms)),
     }
+    if cfg.selection == "instructdiff":  # per round: a warm-up training run + a scoring pass; one base pass
+        sel, rounds = cfg.select, cfg.select.iterations
+        resp = lengths["direct_target"] if sel.response == "direct" else cot_target
+        per_item = lengths["direct_prompt"] + resp
+        warm = (sel.alpha * pool + (rounds - 1) * sel.beta * pool) * per_item * cfg.train.epochs
+        plan["select"] = stage(warm + (1 + rounds) * pool * per_item, 2 * student_params, p.mfu_prefill,
+                               scored_items=round((1 + rounds) * pool), warmup_train_tokens=round(warm))
+        plan["select"]["flops"] += warm * (train_mult - 2) * student_params  # training costs train_mult N
+        plan["select"]["gpu_hours"] = plan["select"]["flops"] / (peak * p.mfu_prefill) / 3600
     if not teacher_params:
         plan["teach"].update(flops=None, gpu_hours=None, note="teacher size unknown (endpoint): tokens and calls only")
     return {"gpu": p.gpu, "peak_tflops": PEAK_TFLOPS[p.gpu], "items": n_items, "lengths": lengths,

@@ -86,6 +86,23 @@ def messages(kind: str, item: Mapping, scheme: Scheme = "numbers", fallback: boo
     return {"teacher": teacher_messages, "direct": direct_messages, "cot": cot_messages}[kind](item, scheme)
 
 
+def example(row: Mapping, kind: str, scheme: Scheme = "numbers") -> tuple[list[dict], str]:
+    """(prompt messages, assistant target) of a supervised or teacher-forced example: the direct answer,
+    the row's teacher CoT (`text`), or an instruction-data row's `instruction` -> `response`.
+    Raises ValueError for a row that cannot make one (it becomes an error row, never a silent drop)."""
+    if kind == "direct":
+        return direct_messages(row, scheme), marker(row["answer"], scheme)
+    if kind == "cot":
+        if not row.get("text"):
+            raise ValueError("cot row without teacher text")
+        return cot_messages(row, scheme), row["text"]
+    if kind == "instruction":
+        if not row.get("instruction") or not row.get("response"):
+            raise ValueError("instruction row without instruction or response text")
+        return [{"role": "user", "content": row["instruction"]}], row["response"]
+    raise ValueError(f"unknown treatment {kind!r}")
+
+
 # Direct-prompt scoring reads the answer right after this assistant prefix (= the SFT target's head).
 DIRECT_PREFIX = "[["
 

@@ -176,6 +176,20 @@ def render(run_dir: str) -> str:
                 lines.append(f"- {k}: {v}")
         lines.append("")
 
+    sel = dirs.get("select")
+    m = _manifest(sel)
+    if m:
+        c, cuts, sm = m["counts"], m["cuts"], m["summary"]
+        lines += ["## Select: InstructDiff", f"Parameters {m['params']}. Pool {c['rows_in']:,} items, {c.get('unscored', 0)} "
+                  f"without a score; dNLL tails cut at [{_fmt(cuts['dnll_low'])}, {_fmt(cuts['dnll_high'])}] "
+                  f"({c.get('dnll_low', 0)} + {c.get('dnll_high', 0)} dropped), {c.get('over_budget', 0)} over the budget "
+                  f"({_fmt(cuts['budget'], 1)} {m['params']['budget_by']}), {c.get('selected', 0)} selected "
+                  f"(max dH {_fmt(cuts['dh_max_selected'])}). Rounds: {m['timings']['rounds']}.", ""]
+        lines += _table(["value (p10 / p50 / p90)", *sm.get("dnll", {})],
+                        [[k, *v.values()] for k, v in sm.items() if k != "selected_mean"]) + [""]
+        if _copy(store.join(sel, "select.png"), store.join(rdir, "select.png")):
+            lines += ["![select](select.png)", ""]
+
     arms_path = store.join(run_dir, "arms.json")
     if store.exists(arms_path):
         arms = store.read_json(arms_path)

@@ -54,6 +54,15 @@ def unit_hashes(ids: Iterable[str], seed: int) -> np.ndarray:
     return (np.frombuffer(buf, dtype="<u8").reshape(-1, 3) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def seeded_subset(ids: list[str], n: int, seed: int) -> set[str]:
+    """A seeded random subset of exactly n ids (lowest keyed hash first: independent of row order).
+    The random-routing CoT rows, InstructDiff's warm-up sample, the random_select arm."""
+    if n <= 0:
+        return set()
+    h = unit_hashes(ids, seed)[:, 0]
+    return {ids[i] for i in np.argsort(h, kind="stable")[:n]}
+
+
 def _floats(col) -> np.ndarray:
     return pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
 

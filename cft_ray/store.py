@@ -53,6 +53,19 @@ def write_json(path: str, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
+def write_table(table: pa.Table, path: str) -> None:
+    """One small Parquet file written from the driver (selections, summaries)."""
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, p, filesystem=fs)
+
+
+def column_values(ds, name: str) -> pa.Array:
+    """One small column (ids) of a Ray Dataset, gathered on the driver."""
+    return pa.chunked_array([b[name] for b in ds.select_columns([name]).iter_batches(batch_format="pyarrow")],
+                            pa.string()).combine_chunks()
+
+
 def finish(stage_dir: str, manifest: dict) -> None:
     """Write the manifest, then the success marker (a crash between them leaves the stage unfinished)."""
     write_json(join(stage_dir, "manifest.json"), manifest)

@@ -291,7 +291,7 @@ def _vllm(ds, cfg: CftConfig, prompt: str):
         # of one leaves the read tasks (1 CPU each) unschedulable on a small node: a deadlock.
         chat_template_stage={"enabled": True, **({"num_cpus": 0} if cpu else {})}, tokenize_stage=False,
         detokenize_stage=False,  # the engine already returns the text
-        placement_group_config={"bundles": [{"CPU": t.pool.num_cpus}] * t.tensor_parallel_size} if cpu else None,
+        placement_group_config=_bundles(t) if cpu or t.pool.resources else None,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(t.cpu_kv_cache_gb)}} if cpu else None)
     max_tokens = t.max_tokens
 
@@ -313,6 +313,15 @@ def _vllm(ds, cfg: CftConfig, prompt: str):
 
     return build_processor(pc_cfg, preprocess=pre, postprocess=post)(ds).map_batches(
         _vllm_failed_rows, batch_format="pyarrow", batch_size=None)
+
+
+def _bundles(t) -> dict:
+    """The engine's placement group: a CPU bundle on a CPU pool (Ray's default asks for a GPU), and the
+    pool's custom node resources (e.g. `infer_node`) spread over the tensor-parallel bundles, so the
+    teacher lands on the nodes the config names: Ray's default bundle carries no custom resource."""
+    tp = t.tensor_parallel_size
+    base = {"CPU": t.pool.num_cpus} if t.pool.num_gpus == 0 else {"GPU": 1, "CPU": 1}
+    return {"bundles": [{**base, **{k: v / tp for k, v in t.pool.resources.items()}}] * tp, "strategy": "PACK"}
 
 
 def _vllm_failed_rows(t: pa.Table) -> pa.Table:
@@ -424,16 +433,18 @@ def covered(teach_dir: str) -> set[str]:
 def finished(cfg: CftConfig) -> bool:
     """The teach stage is done for this config: finished, and taught every row its arms need."""
     have = covered(stage_dir(cfg, "teach"))
-    return bool(have) and ("all" in have or teacher_coverage(cfg.arms) <= have)
+    from cft_ray.evaluate import select_cot
+
+    return bool(have) and ("all" in have or teacher_coverage(cfg.arms, select_cot(cfg)) <= have)
 
 
 def main(cfg: CftConfig) -> str:
     from ray.data.expressions import col
 
-    from cft_ray.evaluate import teacher_rows
+    from cft_ray.evaluate import select_cot, teacher_rows
 
     out, split_dir = stage_dir(cfg, "teach"), stage_dir(cfg, "split")
-    have, need = covered(out), teacher_coverage(cfg.arms)
+    have, need = covered(out), teacher_coverage(cfg.arms, select_cot(cfg))
     if finished(cfg):
         log.info("teach: %s is finished (covers %s), skipping", out, sorted(have))
         return out
@@ -448,8 +459,7 @@ def main(cfg: CftConfig) -> str:
     arms = [COVERAGE_ARMS[c] for c in sorted(need)]
     # every arm's CoT rows, taught once; earlier arms' rows are found done in parts/ and skipped
     items = teacher_rows(cfg.model_copy(update={"arms": arms})).filter(expr=col("treatment") == "cot")
-    ids = pa.chunked_array([b["item_id"] for b in items.select_columns(["item_id"]).iter_batches(batch_format="pyarrow")],
-                           pa.string()).combine_chunks()
+    ids = store.column_values(items, "item_id")
     rounds = t.samples if t.policy == "resample" else 1
     todo, gen_s, new_out = ids, 0.0, 0
     for r in range(rounds):

@@ -37,6 +37,7 @@ EXAMPLE_SCHEMA = pa.schema([
     pa.field("error", pa.string()),  # null for a usable example
 ])
 ROUTED_COLUMNS = {"item_id", "question", "options", "answer", "bucket", "treatment"}
+INSTRUCTION_COLUMNS = {"item_id", "instruction", "response", "treatment"}  # general instruction data
 IGNORE = -100
 
 
@@ -92,26 +93,36 @@ class Tokenize:
         built: list = [None] * len(rows)
         todo, pairs = [], []
         for i, r in enumerate(rows):
-            kind = r["treatment"]
-            if kind == "direct":
-                pairs.append((prompts.direct_messages(r, self.scheme), prompts.marker(r["answer"], self.scheme)))
-            elif kind == "cot" and r.get("text"):
-                pairs.append((prompts.cot_messages(r, self.scheme), r["text"]))
-            else:
-                built[i] = ValueError("cot row without teacher text" if kind == "cot" else f"unknown treatment {kind!r}")
-                continue
-            todo.append(i)
+            try:
+                pairs.append(prompts.example(r, r["treatment"], self.scheme))
+                todo.append(i)
+            except ValueError as e:
+                built[i] = e
         for i, res in zip(todo, tokenize_examples(self.tok, pairs, self.max_length, self.loss_on, self.truncation)):
             built[i] = res
         out = []
         for r, res in zip(rows, built):
             ok = not isinstance(res, ValueError)
             ids, labels, trunc = res if ok else ([], [], False)
-            out.append({"item_id": r["item_id"], "bucket": r["bucket"], "bucket_idx": r.get("bucket_idx"),
-                        "split": r.get("split") or "train", "kind": r["treatment"], "input_ids": ids,
+            # an instruction row's response is a direct target (its phase is the direct one)
+            kind = "direct" if r["treatment"] == "instruction" else r["treatment"]
+            out.append({"item_id": r["item_id"], "bucket": r.get("bucket"), "bucket_idx": r.get("bucket_idx"),
+                        "split": r.get("split") or "train", "kind": kind, "input_ids": ids,
                         "labels": labels, "n_tokens": len(ids), "n_target": sum(x != IGNORE for x in labels[1:]),
                         "truncated": trunc, "error": None if ok else str(res)})
         return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+
+
+WANTED = ROUTED_COLUMNS | INSTRUCTION_COLUMNS | {"subject", "category", "bucket_idx", "split"}
+
+
+def _project(t: pa.Table) -> pa.Table:
+    """The columns examples are built from; multiple-choice rows or instruction rows."""
+    need = INSTRUCTION_COLUMNS if "instruction" in t.column_names else ROUTED_COLUMNS
+    missing = need - set(t.column_names)
+    if missing:
+        raise ValueError(f"routed rows lack columns {sorted(missing)}")
+    return t.select([c for c in t.column_names if c in WANTED])
 
 
 def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
@@ -123,12 +134,12 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     from ray.data.expressions import col
 
     schema = rows.schema(fetch_if_missing=False)  # known for Parquet reads; a lazy chain would run to find out
-    names = schema.names if schema is not None else sorted(ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"})
-    missing = ROUTED_COLUMNS - set(names)
-    if missing:
-        raise ValueError(f"routed rows lack columns {sorted(missing)}")
-    keep = [c for c in names if c in ROUTED_COLUMNS | {"subject", "category", "bucket_idx", "split"}]
-    routed = rows.select_columns(keep).filter(expr=col("treatment") != "drop")
+    if schema is not None:
+        _project(schema.empty_table())  # missing columns fail here, before any work
+        rows = rows.select_columns([c for c in schema.names if c in WANTED])
+    else:  # project inside a map that fuses with the chain's last one (no extra Ray Data job)
+        rows = rows.map_batches(_project, batch_format="pyarrow")
+    routed = rows.filter(expr=col("treatment") != "drop")
     if cot is not None:
         # Hash join: scales to corpora bigger than any one node (needs polars).
         routed = routed.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),

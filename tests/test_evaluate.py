@@ -89,15 +89,6 @@ def test_accuracy_stderr_parse_failures_and_groups():
     assert m["by_subject"]["<none>"]["n"] == 2
 
 
-def test_random_routing_subset_is_exact_seeded_and_order_free():
-    ids = [f"id{k}" for k in range(200)]
-    a = evaluate.random_cot_ids(ids, 37, seed=5)
-    assert len(a) == 37 and a <= set(ids)
-    assert a == evaluate.random_cot_ids(list(reversed(ids)), 37, seed=5)
-    assert a != evaluate.random_cot_ids(ids, 37, seed=6)
-    assert evaluate.random_cot_ids(ids, 0, seed=5) == set()
-
-
 def test_arm_prompt_and_teacher_coverage():
     from cft_ray.config import teacher_coverage
 

@@ -1,9 +1,15 @@
-"""The whole pipeline (`cft-ray run`) on tiny data with a tiny random model: the arms train and are
-evaluated, the report renders, a re-run skips every finished stage, `--dry-run` says so."""
+"""The whole pipeline (`cft-ray run`) on tiny data with a tiny random model, on a 3-node cluster
+(`ray.cluster_utils.Cluster`: head, an inference node with `infer_node`, a training node with
+`train_node`, as in cluster.yaml): the arms train and are evaluated, every stage's actors ran on the
+node type its config asked for (Ray's state API), the report renders, a re-run skips every finished
+stage, `--dry-run` says so."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pyarrow.parquet as pq
 import pytest
@@ -29,17 +35,61 @@ def tiny_run_overrides(run_dir, model_dir, arms=ARMS) -> list[str]:
             "teach.hf_micro_batch=8", f"arms=[{','.join(arms)}]"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory, tiny_model_dir):
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    cfg = load_config(None, tiny_run_overrides(run_dir, tiny_model_dir))
+INFER, TRAIN = "{infer_node: 1}", "{train_node: 1}"
+PLACEMENT = [f"score.pool.resources={INFER}", f"teach.pool.resources={INFER}", f"eval.pool.resources={INFER}",
+             f"train.pool.resources={TRAIN}", f"train.resources_per_worker={TRAIN}"]
+
+# In a subprocess: the cluster gets its own driver, the test session's local Ray stays up.
+CLUSTER_RUN = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+    from cft_ray import pipeline
+    from cft_ray.config import load_config
+
+    cfg = load_config(None, json.loads(sys.argv[1]))
+    store = {"object_store_memory": 300 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **store})
+    cluster.add_node(num_cpus=2, resources={"infer_node": 2}, **store)
+    cluster.add_node(num_cpus=2, resources={"train_node": 2}, **store)
+    ray.init(address=cluster.address, log_to_driver=False)
     report = pipeline.main(cfg)
-    return cfg, report
+    kind = {n["NodeID"]: "infer" if "infer_node" in n["Resources"] else "train" if "train_node" in n["Resources"]
+            else "head" for n in ray.nodes()}
+    actors = [(a.class_name, a.repr_name, kind.get(a.node_id)) for a in list_actors(detail=True, limit=10000)]
+    print("RESULT " + json.dumps({"report": report, "actors": actors}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    overrides = tiny_run_overrides(run_dir, tiny_model_dir) + PLACEMENT
+    res = subprocess.run([sys.executable, "-c", CLUSTER_RUN, json.dumps(overrides)], capture_output=True, text=True,
+                         timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return load_config(None, overrides), out["report"], out["actors"]
+
+
+@pytest.mark.heavy
+def test_stages_ran_on_the_nodes_their_config_asks_for(tiny_run):
+    where: dict[str, set] = {}
+    for cls, name, node in tiny_run[2]:
+        label = f"{cls} {name}"
+        for key in ("Scorer", "HFTeacher", "Tokenize", "TrainWorker"):
+            if key in label:
+                where.setdefault(key, set()).add(node)
+    # Scorer: score stage; HFTeacher: teach and generate-mode eval; Tokenize + TrainWorker: train
+    assert where == {"Scorer": {"infer"}, "HFTeacher": {"infer"}, "Tokenize": {"train"}, "TrainWorker": {"train"}}, where
 
 
 @pytest.mark.heavy
 def test_arms_train_evaluate_and_report(tiny_run):
-    cfg, report = tiny_run
+    cfg, report, _ = tiny_run
     arms = store.read_json(store.join(cfg.run_dir, "arms.json"))
     assert list(arms) == ARMS
     test_n = pq.read_table(store.join(stage_dir(cfg, "split"), "test")).num_rows
@@ -62,12 +112,12 @@ def test_arms_train_evaluate_and_report(tiny_run):
         assert os.path.getsize(os.path.join(os.path.dirname(report), png)) > 1000, png
     run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
     assert run["versions"]["torch"] and run["versions"]["ray"] and run["config_hash"]
-    assert all(run["stages"][s]["wall_s"] is not None for s in pipeline.STAGES)
+    assert all(run["stages"][s]["wall_s"] is not None for s in pipeline._needed(cfg))
 
 
 @pytest.mark.heavy
-def test_rerun_skips_finished_stages(tiny_run, capsys):
-    cfg, _ = tiny_run
+def test_rerun_skips_finished_stages(ray_local, tiny_run, capsys):
+    cfg = tiny_run[0]
     score_parts = store.part_files(store.join(stage_dir(cfg, "score"), "parts"))
     mtimes = [os.path.getmtime(f) for f in score_parts]
     pipeline.main(cfg, dry_run=True)
@@ -92,6 +142,6 @@ def test_dry_run_of_the_embedded_default(tmp_path, capsys):
     cfg = load_config(EMBEDDED_CONFIG, [f"run_dir={tmp_path}"])
     assert pipeline.main(cfg, dry_run=True) == str(tmp_path)
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines()[1:]] == pipeline.STAGES
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [s for s in pipeline.STAGES if s != "select"]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
     assert json.loads(json.dumps(cfg.model_dump(mode="json")))["arms"] == ["base", "caft"]

@@ -357,3 +357,14 @@ def test_ray_split_thresholds_without_exclusions_and_empty_outputs(ray_local, tm
     b = train["bucket_idx"].to_numpy()
     assert np.all((d / d.max() < 0.3) == (b == 0))
     assert set(train.filter(pa.compute.equal(train["bucket"], "b1"))["treatment"].to_pylist()) == {"drop"}
+
+
+def test_seeded_subset_is_exact_and_order_free():
+    from cft_ray.split import seeded_subset
+
+    ids = [f"id{k}" for k in range(200)]
+    a = seeded_subset(ids, 37, seed=5)
+    assert len(a) == 37 and a <= set(ids)
+    assert a == seeded_subset(list(reversed(ids)), 37, seed=5)
+    assert a != seeded_subset(ids, 37, seed=6)
+    assert seeded_subset(ids, 0, seed=5) == set()

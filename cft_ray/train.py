@@ -116,13 +116,17 @@ class Tokenize:
 WANTED = ROUTED_COLUMNS | INSTRUCTION_COLUMNS | {"subject", "category", "bucket_idx", "split"}
 
 
-def _project(t: pa.Table) -> pa.Table:
-    """The columns examples are built from; multiple-choice rows or instruction rows."""
-    need = INSTRUCTION_COLUMNS if "instruction" in t.column_names else ROUTED_COLUMNS
-    missing = need - set(t.column_names)
+def _wanted(names: list[str]) -> list[str]:
+    """The columns examples are built from, of multiple-choice rows or instruction rows."""
+    need = INSTRUCTION_COLUMNS if "instruction" in names else ROUTED_COLUMNS
+    missing = need - set(names)
     if missing:
         raise ValueError(f"routed rows lack columns {sorted(missing)}")
-    return t.select([c for c in t.column_names if c in WANTED])
+    return [c for c in names if c in WANTED]
+
+
+def _project(t: pa.Table) -> pa.Table:
+    return t.select(_wanted(t.column_names))
 
 
 def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
@@ -135,8 +139,7 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
 
     schema = rows.schema(fetch_if_missing=False)  # known for Parquet reads; a lazy chain would run to find out
     if schema is not None:
-        _project(schema.empty_table())  # missing columns fail here, before any work
-        rows = rows.select_columns([c for c in schema.names if c in WANTED])
+        rows = rows.select_columns(_wanted(schema.names))  # missing columns fail here, before any work
     else:  # project inside a map that fuses with the chain's last one (no extra Ray Data job)
         rows = rows.map_batches(_project, batch_format="pyarrow")
     routed = rows.filter(expr=col("treatment") != "drop")

@@ -10,8 +10,9 @@ An arm is a rewrite of the split's `treatment` column plus a schedule:
   instructdiff    only the InstructDiff selection (select.response: direct or CoT) (cft_ray/select.py)
   random_select   a seeded random subset of the selection's size, same response  (its control)
 Arms share the scored data, the split and the teacher's outputs: the teach stage generates once for
-the union of the rows any requested arm routes to CoT. Rows whose teacher output was not kept train
-direct in every arm (counted as `cot_fallback`).
+the union of the rows any requested arm routes to CoT. A CoT-routed row whose teacher output was not
+kept (teach.policy) makes no example in any arm: it is an error row of the arm's training manifest
+("cot row without teacher text"), so CoT arms train on verified reasoning only and say how much was lost.
 
 Evaluation modes: `direct` reads the argmax over the option labels at the first answer position
 (after "[["; cheap, exact); `generate` decodes (greedy unless configured) and parses the last [[k]],
@@ -23,7 +24,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from cft_ray import store
@@ -251,7 +251,7 @@ def _spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict:
 
 def train_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], train_dir: str) -> tuple[str, set[str], set[str]]:
     """Train one arm (resuming or skipping as its dir says): (model dir, ids it routed to CoT, ids
-    that trained on a kept teacher CoT; the rest of its CoT rows fell back to direct)."""
+    that trained on a kept teacher CoT; the rest of its CoT rows made no example)."""
     import pyarrow.compute as pc
 
     from cft_ray.train import fit

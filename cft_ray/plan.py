@@ -12,7 +12,7 @@ import logging
 import time
 
 from cft_ray import prompts, store
-from cft_ray.config import CftConfig, ModelConfig, stage_dir, teacher_coverage
+from cft_ray.config import CftConfig, ModelConfig, teacher_coverage
 
 log = logging.getLogger("cft_ray")
 

@@ -19,7 +19,7 @@ import time
 import pyarrow as pa
 
 from cft_ray import models, prompts, store
-from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig, config_hash, stage_dir
+from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig, config_hash
 
 log = logging.getLogger("cft_ray")
 

@@ -67,7 +67,9 @@ CLUSTER_RUN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    overrides = tiny_run_overrides(run_dir, tiny_model_dir) + PLACEMENT
+    # caft trains in full under ZeRO-3 (bf16, 2 workers): the partitioned save path, on the training node
+    overrides = tiny_run_overrides(run_dir, tiny_model_dir) + PLACEMENT + [
+        "train.method=full", "train.zero_stage=3", "train.precision=bf16", "train.num_workers=2", "train.micro_batch=2"]
     res = subprocess.run([sys.executable, "-c", CLUSTER_RUN, json.dumps(overrides)], capture_output=True, text=True,
                          timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -105,6 +107,12 @@ def test_arms_train_evaluate_and_report(tiny_run):
     assert spent["caft"]["teacher_calls"] == hard.count("cot") > 0  # one call per CoT row (samples=1)
     assert spent["caft"]["target_tokens"] > 0 and spent["caft"]["train_tokens"] > spent["caft"]["target_tokens"]
     assert arms["caft"]["prompt"] == "cot" and arms["base"]["prompt"] == "direct"
+    tdir = arms["caft"]["train_dir"]
+    c = store.read_json(store.join(tdir, "manifest.json"))["counts"]
+    assert c["rows_in"] == c["routed_drop"] + c["examples"] and c["examples"] == c["rows_out"] + c["errors"]
+    tm = store.read_json(store.join(tdir, "train_manifest.json"))
+    assert (tm["zero_stage"], tm["method"], tm["num_workers"]) == (3, "full", 2) and tm["trainable_params"] == tm["params"]
+    assert tm["steps"] == sum(p["steps"] for p in tm["phases"]) > 0
     text = open(report).read()
     for section in ("## Score", "## Split", "## Teach", "## Arms", "## Time per stage", "## Plan vs actual"):
         assert section in text, section

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import threading
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from cft_ray import prompts, store
-from cft_ray.config import load_config, stage_dir
+from cft_ray import prompts
+from cft_ray.config import load_config
 from cft_ray.train import IGNORE, build_examples, pack, resolve_phases, tokenize_examples
 from conftest import LLAMA3_TEMPLATE, QWEN_TEMPLATE, build_tiny
 
@@ -230,40 +228,3 @@ def test_killed_worker_resumes_exactly(ray_local, tiny_model_dir, tmp_path, lora
     assert m["steps"] == ref["steps"]
     got, want = [h["loss"] for h in m["loss_curve"]], [h["loss"] for h in ref["loss_curve"]]
     assert got == pytest.approx(want, rel=1e-5), "same data order and state after the resume"
-
-
-@pytest.mark.heavy
-def test_main_zero3_full_finetune(ray_local, tiny_model_dir, tmp_path):
-    """main() from split/teach stage dirs (Parquet), full fine-tuning under ZeRO-3 in bf16, merged schedule."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"student.name={tiny_model_dir}", "train.pool.size=1",
-                             "train.method=full", "train.zero_stage=3", "train.precision=bf16", "train.schedule=merged",
-                             "train.epochs=1", "train.micro_batch=2", "train.lr=1e-3", "train.checkpoint_every_steps=100"])
-    rows = routed_rows()
-    rows[-1]["treatment"] = "drop"
-    split, teach = stage_dir(cfg, "split"), stage_dir(cfg, "teach")
-    for sub, part in (("train", [r for r in rows if r["split"] == "train"]), ("valid", [r for r in rows if r["split"] == "valid"])):
-        os.makedirs(f"{split}/{sub}")
-        pq.write_table(pa.Table.from_pylist(part), f"{split}/{sub}/part-0.parquet")
-    os.makedirs(f"{teach}/cot")
-    pq.write_table(pa.Table.from_pylist(teacher_cot(rows)[:-1]), f"{teach}/cot/part-0.parquet")
-    for d in (split, teach):
-        store.finish(d, {"stage": "test"})
-    from cft_ray import train as train_stage
-    from cft_ray.evaluate import arm_dirs
-
-    assert train_stage.main(cfg) == str(tmp_path)  # trains every arm of cfg.arms but base: caft
-    out = arm_dirs(cfg)["caft"][0]
-    man = store.read_json(f"{out}/manifest.json")
-    c = man["counts"]
-    assert (c["rows_in"], c["routed_drop"], c["examples"], c["errors"], c["rows_out"]) == (48, 1, 47, 1, 46)
-    m = json.loads(open(f"{out}/train_manifest.json").read())
-    assert m["zero_stage"] == 3 and m["method"] == "full" and m["steps"] == m["phases"][0]["steps"] > 0
-    assert m["trainable_params"] == m["params"]
-    model = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
-    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] == 6
-    done_at = os.path.getmtime(f"{out}/_SUCCESS")
-    train_stage.main(cfg)
-    assert os.path.getmtime(f"{out}/_SUCCESS") == done_at  # finished: skipped

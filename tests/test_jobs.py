@@ -91,10 +91,12 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                   "--", "python", "jobs/pipeline.py", "--config", str(cfg_path)]
 
-        first = subprocess.Popen(submit, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would block the CLI we wait for
+        with open(log, "w") as out:
+            first = subprocess.Popen(submit, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         score_parts, deadline = store.join(stage_dir(cfg, "score"), "parts"), time.time() + 600
         while time.time() < deadline and not (os.path.isdir(score_parts) and store.part_files(score_parts)):
-            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         drivers = [p for p in _procs(str(cfg_path)) if "jobs/pipeline.py" in " ".join(p.cmdline())
                    and "job" not in p.cmdline()[1:3]]

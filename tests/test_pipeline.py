@@ -118,6 +118,13 @@ def test_arms_train_evaluate_and_report(tiny_run):
         assert section in text, section
     for png in ("arms_accuracy.png", "arms_spent.png", "score_roc.png", "split_distribution.png"):
         assert os.path.getsize(os.path.join(os.path.dirname(report), png)) > 1000, png
+    # the cost plan made before the run against what the stages counted: the stated factors (README)
+    from cft_ray.report import plan_vs_actual
+
+    plan = store.read_json(store.join(cfg.run_dir, "plan.json"))
+    got = {f"{q} ({s})": a / p for q, s, p, a in plan_vs_actual(plan, pipeline.stage_dirs(cfg), cfg.run_dir) if a and p}
+    assert 0.8 <= got["prompt tokens (score)"] <= 1.25, got
+    assert 0.5 <= got["calls (teach)"] <= 2 and 0.5 <= got["tokens x epochs (train caft)"] <= 2, got
     run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
     assert run["versions"]["torch"] and run["versions"]["ray"] and run["config_hash"]
     assert all(run["stages"][s]["wall_s"] is not None for s in pipeline._needed(cfg))

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cft_ray import metrics, prompts, store
-from cft_ray.config import CftConfig, ConfigError, stage_dir
+from cft_ray.config import CftConfig, ConfigError, config_hash, stage_dir
 
 log = logging.getLogger("cft_ray")
 
@@ -329,7 +329,7 @@ def main(cfg: CftConfig) -> str:
                for c in ("dnll", "dh", "nll_base", "nll_cal", "h_base", "h_cal")} if len(ok) else {}
     chosen = df[df["selected"]]
     summary["selected_mean"] = {c: round(float(chosen[c].mean()), 4) for c in ("dnll", "dh", "resp_tokens")} if len(chosen) else {}
-    store.finish(out, store.stage_manifest("select", "", started, counts, [
+    store.finish(out, store.stage_manifest("select", config_hash(cfg.select, cfg.train), started, counts, [
         ("method", "instructdiff"), ("params", cfg.select.model_dump(mode="json", exclude={"pool"})),
         ("cuts", cuts), ("summary", summary), ("timings", timings),
         ("response_tokens_selected", int(chosen["resp_tokens"].sum())),

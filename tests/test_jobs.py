@@ -5,10 +5,12 @@ stage is not recomputed) and the outputs are checked; then the cluster is stoppe
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +67,21 @@ def _stop(temp: Path) -> None:
         p.kill()
 
 
+def test_entrypoints_shadow_no_module_and_name_a_stage():
+    """`python jobs/x.py` puts jobs/ first on sys.path: a script named like a standard-library module
+    (jobs/select.py did) breaks every import of that module in the job (subprocess imports select)."""
+    import re
+
+    from cft_ray.cli import STAGES
+
+    scripts = sorted((ROOT / "jobs").glob("*.py"))
+    assert len(scripts) >= 8
+    for f in scripts:
+        assert f.stem not in sys.stdlib_module_names, f
+        stage = re.search(r'job\("(\w+)"\)', f.read_text()).group(1)
+        assert stage in STAGES, f
+
+
 @pytest.mark.heavy
 def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
     bin_dir = Path(sys.executable).parent
@@ -72,12 +89,16 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
     # commands installed the project.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # Ray's token authentication, explicitly: the head makes (or reuses) ~/.ray/auth_token, the CLI sends it
+    env["RAY_AUTH_MODE"] = "token"
     port, dash = _free_port(), _free_port()
-    temp = tmp_path / "ray"  # its own session dir: never touches the test session's Ray
-    subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+    # its own session dir (never touches the test session's Ray), short: Unix socket paths stop at 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="cftj", dir="/tmp"))
+    started = subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
                     "--object-store-memory=500000000", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+                   env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         run_dir = tmp_path / "run"
         # base only (direct mode = one scoring pass); small score blocks and parts so the stage is
@@ -92,10 +113,17 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
                   "--", "python", "jobs/pipeline.py", "--config", str(cfg_path)]
 
         log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would block the CLI we wait for
-        with open(log, "w") as out:
-            first = subprocess.Popen(submit, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+        def launch():
+            with open(log, "w") as out:
+                return subprocess.Popen(submit, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+        first = launch()
         score_parts, deadline = store.join(stage_dir(cfg, "score"), "parts"), time.time() + 600
         while time.time() < deadline and not (os.path.isdir(score_parts) and store.part_files(score_parts)):
+            if first.poll() is not None and "No available agent" in log.read_text():
+                time.sleep(2)  # the head's job agent is still starting: Ray says "try again later"
+                first = launch()
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         drivers = [p for p in _procs(str(cfg_path)) if "jobs/pipeline.py" in " ".join(p.cmdline())
@@ -124,3 +152,4 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
         assert run["machine"]["ray_address"].endswith(f":{port}"), "ran on the submitted cluster"
     finally:
         _stop(temp)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,5 +1,0 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/select.py -c jobs/configs/local.yaml [k=v ...]`."""
-from cft_ray.cli import job
-
-if __name__ == "__main__":
-    job("select")

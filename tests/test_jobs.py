@@ -91,11 +91,11 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
     env.pop("RAY_ADDRESS", None)
     # Ray's token authentication, explicitly: the head makes (or reuses) ~/.ray/auth_token, the CLI sends it
     env["RAY_AUTH_MODE"] = "token"
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, client = (_free_port() for _ in range(4))  # Ray's fixed defaults could clash with another Ray
     # its own session dir (never touches the test session's Ray), short: Unix socket paths stop at 107 bytes
     temp = Path(tempfile.mkdtemp(prefix="cftj", dir="/tmp"))
     started = subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                    "--num-cpus=2", f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
                     "--object-store-memory=500000000", "--disable-usage-stats"],
                    env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]

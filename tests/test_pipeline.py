@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -50,7 +51,8 @@ CLUSTER_RUN = textwrap.dedent("""
 
     cfg = load_config(None, json.loads(sys.argv[1]))
     store = {"object_store_memory": 300 * 2**20}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **store})
+    # the head's dashboard agent gets a free port: Ray's fixed default clashes with any other Ray head here
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_agent_listen_port": int(sys.argv[2]), **store})
     cluster.add_node(num_cpus=2, resources={"infer_node": 2}, **store)
     cluster.add_node(num_cpus=2, resources={"train_node": 2}, **store)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -70,8 +72,11 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     # caft trains in full under ZeRO-3 (bf16, 2 workers): the partitioned save path, on the training node
     overrides = tiny_run_overrides(run_dir, tiny_model_dir) + PLACEMENT + [
         "train.method=full", "train.zero_stage=3", "train.precision=bf16", "train.num_workers=2", "train.micro_batch=2"]
-    res = subprocess.run([sys.executable, "-c", CLUSTER_RUN, json.dumps(overrides)], capture_output=True, text=True,
-                         timeout=1500)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        agent_port = sock.getsockname()[1]
+    res = subprocess.run([sys.executable, "-c", CLUSTER_RUN, json.dumps(overrides), str(agent_port)], capture_output=True,
+                         text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
     return load_config(None, overrides), out["report"], out["actors"]

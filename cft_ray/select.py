@@ -62,7 +62,7 @@ class ResponseScorer:
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def __call__(self, t: pa.Table) -> pa.Table:
-        from cft_ray.score import _trim
+        from cft_ray.score import trim_heap
         from cft_ray.train import IGNORE, tokenize_examples
 
         rows = t.to_pylist()
@@ -101,7 +101,7 @@ class ResponseScorer:
                     if len(part) == 1:
                         res[part[0][0]]["error"] = f"scoring failed: {type(e).__name__}: {e}"[:500]
             pos = end
-        _trim()
+        trim_heap()
         return pa.Table.from_pylist(res, schema=RESPONSE_SCHEMA)
 
     def _score(self, chunk: list[tuple[int, list[int], int]], res: list[dict]) -> None:

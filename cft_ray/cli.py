@@ -62,11 +62,10 @@ def _inspect(args) -> int:
     import pyarrow.parquet as pq
 
     from cft_ray import data, store
-    from cft_ray.config import RayConfig
     from cft_ray.runtime import init_ray
 
     cfg = load_config(None, [f"data.source={args.source}", *args.overrides])
-    init_ray(RayConfig(num_cpus=cfg.ray.num_cpus, object_store_gb=1))
+    init_ray(cfg.ray.model_copy(update={"object_store_gb": 1}))
     with tempfile.TemporaryDirectory() as tmp:
         counts = data.ingest(cfg.data, tmp)
         sample = pq.read_table(store.join(tmp, "items")).slice(0, args.sample).to_pylist()

@@ -14,15 +14,16 @@ def init_ray(cfg: RayConfig):
     local Ray sized to the machine. Re-entrant: an already-initialised Ray is reused."""
     import ray
 
-    if ray.is_initialized():
-        return ray
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=int(cfg.object_store_gb * 2**30),
-                 include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=int(cfg.object_store_gb * 2**30),
+                     include_dashboard=False, log_to_driver=True)
+        log.info("ray: %s", ray.cluster_resources())
+    # the driver plans every read, so its DataContext decides the reader for the whole cluster
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    log.info("ray: %s", ray.cluster_resources())
+    ctx.use_datasource_v2 = cfg.parquet_reader == "v2"
     return ray

@@ -16,6 +16,10 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from cft_ray.config import RayConfig
+    from cft_ray.runtime import init_ray
+
+    init_ray(RayConfig())  # the Data settings a run gets
     yield ray
 
 

@@ -48,6 +48,7 @@ CLUSTER_RUN = textwrap.dedent("""
     from ray.util.state import list_actors
     from cft_ray import pipeline
     from cft_ray.config import load_config
+    from cft_ray.runtime import init_ray
 
     cfg = load_config(None, json.loads(sys.argv[1]))
     store = {"object_store_memory": 300 * 2**20}
@@ -56,6 +57,7 @@ CLUSTER_RUN = textwrap.dedent("""
     cluster.add_node(num_cpus=2, resources={"infer_node": 2}, **store)
     cluster.add_node(num_cpus=2, resources={"train_node": 2}, **store)
     ray.init(address=cluster.address, log_to_driver=False)
+    init_ray(cfg.ray)  # as the CLI and jobs do
     report = pipeline.main(cfg)
     kind = {n["NodeID"]: "infer" if "infer_node" in n["Resources"] else "train" if "train_node" in n["Resources"]
             else "head" for n in ray.nodes()}

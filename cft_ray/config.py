@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +72,7 @@ class ActorPool(_Base):
     num_gpus: float = Field(0, ge=0, description="GPUs per actor: 1 on GPU clusters (one model per GPU), 0 here.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom node resources per actor, to pin a stage to a node type (see cluster.yaml).")
     batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch into an actor: larger sorts better by length, loses more work on a crash.")
+    max_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor, its batch retried on the new one: more rides out flaky nodes, -1 (Ray Data's default) retries forever even when every start crashes.")
     threads: int | None = Field(None, ge=1, description="Torch CPU threads per actor; None = num_cpus. More than num_cpus lets one model use every core while Ray keeps a CPU free for its read/write tasks (a pool holding every CPU stalls them).")
 
     def cpu_threads(self) -> int:
@@ -214,9 +216,9 @@ class TrainConfig(_Base):
     @model_validator(mode="after")
     def _offload(self):
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage=3")
+            raise ValueError("train.offload_params needs train.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage>=1")
+            raise ValueError("train.offload_optimizer needs train.zero_stage>=1")
         return self
 
 
@@ -261,8 +263,11 @@ ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instr
 SELECT_ARMS = {"instructdiff", "random_select"}  # trained on the select stage's subset (or a random one of its size)
 
 
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/tmp", "/usr", "/var")
+
+
 class CftConfig(_Base):
-    run_dir: str = Field("runs/default", description="Where every stage writes (local path or s3://...); one directory per run.")
+    run_dir: str = Field("runs/default", description="Where every stage writes (local path or s3://...); one directory per run, never a system, home or parent directory.")
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig = Field(default_factory=ModelConfig)
@@ -276,6 +281,19 @@ class CftConfig(_Base):
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     arms: list[Literal[ARMS]] = Field(default_factory=lambda: ["base", "caft"], description="Experiment arms to train and evaluate; each costs a training run.")  # type: ignore[valid-type]
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str):
+        # stages write and delete their own directories under it: refuse places where that would hurt
+        local = "://" not in v
+        path = Path(v).expanduser().resolve() if local else None
+        if not v.strip() or ".." in Path(v.split("://")[-1]).parts:
+            raise ValueError("must name a directory without '..' segments")
+        if local and (path == Path(path.anchor) or path == Path.home() or path in Path.cwd().parents
+                      or path == Path.cwd() or any(path == Path(p) for p in _SYSTEM_DIRS)):
+            raise ValueError(f"{path} is a system, home or working directory; give a directory of its own (runs/<name>)")
+        return v
 
     @model_validator(mode="after")
     def _cross(self):
@@ -318,8 +336,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return CftConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
+        by_field: dict[str, list[str]] = {}
+        for err in e.errors():
+            field, msg = _field_path(err["loc"]), err["msg"]
+            if err["type"] == "extra_forbidden":
+                field, msg = ".".join(map(str, err["loc"])), "unknown field (every field is documented in cft_ray/config.py)"
+            named = re.match(r"Value error, (?:([a-z_]+(?:\.[a-z_0-9]+)+):? |([a-z_]+): )(.*)", msg, re.S)
+            if named:  # a cross-field check names its field itself ("split.quantiles must be ...")
+                field, msg = named.group(1) or named.group(2), named.group(3)
+            if msg not in by_field.setdefault(field, []):
+                by_field[field].append(msg)
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{k}: {'; or '.join(v)}" for k, v in by_field.items())) from None
+
+
+def _field_path(loc: tuple) -> str:
+    """The config field of a pydantic error location: a union reports one error per member type
+    (`score.pool.size.int`, `...tuple[int,int]`); those are one field, so one message."""
+    model: Any = CftConfig
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int) or (model is dict and isinstance(part, str)):
+            out.append(str(part))  # a list index or a dict key: part of the field's address
+            model = None
+        elif isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            out.append(part)
+            ann = model.model_fields[part].annotation
+            members = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+            if type(None) in getattr(ann, "__args__", ()) and len(members) == 1:
+                ann = members[0]  # an optional section is still a section
+            origin = getattr(ann, "__origin__", None)
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else dict if origin is dict else None
+        else:
+            break
+    return ".".join(out) or "<root>"
 
 
 def config_hash(obj: BaseModel | dict | list, *more: Any) -> str:

@@ -7,6 +7,7 @@ Weights load from safetensors only: a checkpoint that ships only pickles is refu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -30,10 +31,23 @@ def resolve(cfg: ModelConfig) -> str:
             return _from_gguf(path / cfg.gguf_file, cfg)
         if not (path / "config.json").exists():
             raise ConfigError(f"model.name: {path} has no config.json (not a Hugging Face model directory)")
+        _check_code(path, cfg)
         return str(path)
     if path.suffix == ".gguf" or cfg.name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {cfg.name} does not exist")
     return cfg.name  # a hub id: transformers fetches it when the machine is online
+
+
+def _check_code(path: Path, cfg: ModelConfig) -> None:
+    """Fail before any loader runs when the checkpoint's architecture exists only as code it ships
+    (config.json `auto_map`, a model_type transformers does not know) and trust_remote_code is off."""
+    conf = json.loads((path / "config.json").read_text())
+    if conf.get("auto_map") and not cfg.trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if conf.get("model_type") not in CONFIG_MAPPING:
+            raise ConfigError(f"model.trust_remote_code: {path} ships its own model code ({conf.get('model_type')!r}), "
+                              "which runs only with trust_remote_code: true; set it only for a checkpoint you trust")
 
 
 def _from_gguf(gguf: Path, cfg: ModelConfig) -> str:

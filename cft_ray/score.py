@@ -268,7 +268,7 @@ def score(ds, cfg: CftConfig, prompt: str = "score"):
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
     return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt}, batch_size=pool.batch_size,
                           batch_format="pyarrow", compute=compute, num_cpus=pool.num_cpus,
-                          num_gpus=pool.num_gpus, resources=pool.resources or None)
+                          num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=pool.max_restarts)
 
 
 def load_scores(score_dir: str, include_invalid: bool = False):

@@ -143,7 +143,7 @@ def respond(ds, cfg: CftConfig, model_dir: str, kind: str):
     return ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg, "model_dir": model_dir, "kind": kind},
                           batch_size=pool.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=pool.num_cpus,
-                          num_gpus=pool.num_gpus, resources=pool.resources or None)
+                          num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=pool.max_restarts)
 
 
 def choose(ids, resp_tokens, dnll, dh, gamma: float, beta: float, budget_by: str = "items") -> tuple[list[str], dict]:

@@ -282,7 +282,7 @@ def _vllm(ds, cfg: CftConfig, prompt: str):
         raise ConfigError("teach.temperature: vLLM's CPU build cannot sample with per-request seeds ('CPU Generator "
                           "does not use offset'); use teach.temperature=0 on CPU, or teach.backend=hf")
     path = models.resolve(t.model)
-    engine = {"tensor_parallel_size": t.tensor_parallel_size, "dtype": t.model.dtype,
+    engine = {"tensor_parallel_size": t.tensor_parallel_size, "dtype": t.model.dtype, "load_format": "safetensors",
               "trust_remote_code": t.model.trust_remote_code, "seed": t.seed, **t.engine_kwargs}
     pc_cfg = vLLMEngineProcessorConfig(
         model_source=path, engine_kwargs=engine, batch_size=t.pool.batch_size, concurrency=t.pool.size,
@@ -353,7 +353,8 @@ def teach(ds, cfg: CftConfig, sample_idx: int = 0, prompt: str = "teacher"):
         cls, kwargs = (HFTeacher, {}) if t.backend == "hf" else (OpenAITeacher, {"api_key": os.environ.get(t.api_key_env)})
         out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt, **kwargs}, batch_size=t.pool.batch_size,
                              batch_format="pyarrow", compute=_compute(t.pool), num_cpus=t.pool.num_cpus,
-                             num_gpus=t.pool.num_gpus, resources=t.pool.resources or None)
+                             num_gpus=t.pool.num_gpus, resources=t.pool.resources or None,
+                             max_restarts=t.pool.max_restarts)
     return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": cfg.prompt.labels},
                            batch_size=None, zero_copy_batch=True)
 

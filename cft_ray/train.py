@@ -152,7 +152,7 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     return routed.map_batches(
         Tokenize, batch_format="pyarrow", batch_size=pool.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=pool.num_cpus,
-        resources=pool.resources or None,
+        resources=pool.resources or None, max_restarts=pool.max_restarts,
         fn_constructor_kwargs={"model_dir": model_dir or models.resolve(cfg.student), "scheme": cfg.prompt.labels,
                                "max_length": tc.max_length, "loss_on": tc.loss_on, "truncation": tc.truncation,
                                "trust_remote_code": cfg.student.trust_remote_code})

@@ -109,6 +109,25 @@ def state_fingerprint(engine) -> float:
     return float(total.item())
 
 
+# What DeepSpeed's checkpoints hold besides tensors and builtins (found by loading ZeRO 0-3 checkpoints,
+# bf16/fp16/fp32, LoRA and full, with weights_only=True); anything else in a checkpoint is refused.
+DS_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                         "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                         "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def load_checkpoint_file(path: str, map_location=None):
+    """torch.load(weights_only=True) for DeepSpeed checkpoint files: DeepSpeed's own reader unpickles
+    anything (weights_only=False), and a checkpoint directory is not always ours alone (shared storage)."""
+    import importlib
+
+    import torch
+
+    allowed = [getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in DS_CHECKPOINT_CLASSES]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -168,6 +187,7 @@ def train_loop(config: dict) -> None:
                 state = json.load(f)
             if state["done"]:
                 return  # the export was reported before a late failure: nothing left to do
+            engine.checkpoint_engine.load = load_checkpoint_file
             engine.load_checkpoint(d, tag=state["tag"], load_module_strict=not lora)
             rng = np.fromfile(os.path.join(d, f"rng_rank{rank}.bin"), dtype=np.uint8)
             torch.set_rng_state(torch.from_numpy(rng))

@@ -63,6 +63,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
     return build_tiny(tmp_path_factory.mktemp("tiny"), smollm2_dir)
 
 
+@pytest.fixture(scope="session")
+def lora_run(ray_local, tiny_model_dir, tmp_path_factory):
+    """(out dir, model dir, train manifest) of one uninterrupted ZeRO-2 LoRA run on 2 workers: checked
+    in test_train.py, and the reference a run with a killed worker must end like (tests/reliability)."""
+    from test_train import _train
+
+    out = tmp_path_factory.mktemp("lora")
+    return (out, *_train(ray_local, tiny_model_dir, out))
+
+
 QWEN_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -261,41 +257,3 @@ def test_two_actors_equal_one_actor(prepared):
             assert a[m] == pytest.approx(b[m], abs=FP32_ATOL)
 
 
-@pytest.mark.heavy
-def test_resume_after_killed_run_scores_every_item_once(ray_local, tmp_path, tiny_model_dir):
-    items = _items(240)
-    common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
-                      "score.pool.num_cpus=0.5", "score.pool.batch_size=4", "score.token_budget=64",
-                      "score.rows_per_file=8")
-    cfg = load_config(None, common)
-    out = stage_dir(cfg, "score")
-    parts = store.join(out, "parts")
-    addr = ray_local.get_runtime_context().gcs_address
-    # The real CLI as a separate driver on the same cluster, SIGKILLed once some parts are on disk.
-    (tmp_path / "defaults.yaml").write_text("{}\n")  # the field defaults, as load_config(None, common)
-    proc = subprocess.Popen([sys.executable, "-m", "cft_ray.cli", "score", "-c", str(tmp_path / "defaults.yaml"),
-                             *common, f"ray.address={addr}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(store.part_files(parts)) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    seen: list = []
-    while True:  # the dead driver's workers are reaped asynchronously: wait for the directory to settle
-        time.sleep(1.5)
-        now = sorted(os.listdir(parts))
-        if now == seen:
-            break
-        seen = now
-    done_before = sum(pq.read_metadata(f).num_rows for f in store.part_files(parts))
-    assert 0 < done_before < len(items), "the run was not interrupted halfway; make it slower"
-    assert not store.is_done(out)
-    with open(os.path.join(parts, "zz-half-written.parquet"), "wb") as f:
-        f.write(b"PAR1 truncated")  # what a writer killed mid-file leaves behind
-    assert score.main(cfg) == out
-    ids = pq.read_table(parts, columns=["item_id"])["item_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == len(items)
-    m = store.read_json(store.join(out, "manifest.json"))
-    assert m["counts"]["resumed"] == done_before and m["throughput"]["rows_scored"] == len(items) - done_before
-    assert not os.path.exists(os.path.join(parts, "zz-half-written.parquet"))

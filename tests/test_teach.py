@@ -1,13 +1,9 @@
 """Teach stage: parsing and policy on constructed outputs, the round/resume mechanics with a tiny
-real model, the openai backend against real local HTTP servers (one of them faulty), and hf vs
-vLLM on the embedded SmolLM2."""
+real model, and hf vs vLLM on the embedded SmolLM2 (the openai backend against faulty endpoints
+is in tests/reliability/test_teacher_endpoint.py)."""
 from __future__ import annotations
 
-import json
 import os
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -211,101 +207,6 @@ def test_hf_resume_generates_only_missing_rows(ray_local, tmp_path, tiny_model_d
     assert sorted(pq.read_table(new)["item_id"].to_pylist()) == sorted(lost)  # only the lost rows redone
     m = store.read_json(store.join(out, "manifest.json"))
     assert m["tokens"]["out_this_run"] == sum(r["completion_tokens"] for r in again if r["item_id"] in lost)
-
-
-# ------------------------------------------------------------------------------------ openai backend
-
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """Chat completions whose behaviour is chosen by a keyword in the question (per-question attempt
-    counts are kept, so 'fails twice then answers' is deterministic)."""
-    attempts: dict = {}
-    auth: list = []
-    lock = threading.Lock()
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code, body, ctype="application/json", headers=()):
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            self.send_header(k, v)
-        try:
-            self.end_headers()
-            self.wfile.write(data)
-        except BrokenPipeError:  # the client timed out first (the 'slow' kind): expected
-            pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = body["messages"][-1]["content"]
-        kind = user.split("Question: ", 1)[1].split(" ", 1)[0]
-        with self.lock:
-            n = self.attempts[kind] = self.attempts.get(kind, 0) + 1
-            self.auth.append(self.headers.get("Authorization"))
-        ok = {"choices": [{"message": {"role": "assistant", "content": f"Because. [[2]]"}, "finish_reason": "stop"}],
-              "usage": {"prompt_tokens": 50, "completion_tokens": 7}}
-        if kind == "ok" or (kind == "flaky429" and n > 2) or (kind == "flaky500" and n > 2):
-            return self._send(200, ok)
-        if kind == "flaky429":
-            return self._send(429, {"error": "rate limited"}, headers=[("Retry-After", "0")])
-        if kind == "flaky500":
-            return self._send(500, "oops", "text/plain") if n == 1 else self._send(200, "{not json", "text/plain")
-        if kind == "dead":
-            return self._send(503, {"error": "overloaded"})
-        if kind == "garbage":
-            return self._send(200, {"choices": []})
-        if kind == "bad":
-            return self._send(400, {"error": "bad request"})
-        if kind == "slow":
-            time.sleep(2.0)
-            return self._send(200, ok)
-        if kind == "wrong":
-            return self._send(200, {**ok, "choices": [{"message": {"content": "[[1]]"}, "finish_reason": "stop"}]})
-
-
-@pytest.fixture
-def fake_server():
-    FakeOpenAI.attempts, FakeOpenAI.auth = {}, []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_server, monkeypatch):
-    kinds = ["ok", "flaky429", "flaky500", "dead", "garbage", "bad", "slow", "wrong"]
-    items = [{"item_id": k, "question": f"{k} question", "options": ["a", "b", "c", "d"], "answer": 1,
-              "subject": "test", "category": "t", "source": "t"} for k in kinds]
-    monkeypatch.setenv("CFT_TEST_TEACHER_KEY", "sk-test-SECRET")
-    cfg = load_config(None, [f"run_dir={tmp_path}/run", "teach.backend=openai", f"teach.base_url={fake_server}",
-                             "teach.api_model=fake", "teach.api_key_env=CFT_TEST_TEACHER_KEY", "teach.policy=keep_correct",
-                             "teach.max_retries=3", "teach.backoff_s=0.01", "teach.timeout_s=0.5", "teach.concurrency=4",
-                             "teach.pool.batch_size=8"])
-    make_split(cfg, items, set(kinds))
-    t0 = time.time()
-    out = teach.main(cfg)
-    assert time.time() - t0 < 300  # generous: Ray start-up on a loaded box; the bound is the attempts below
-    s = {r["item_id"]: r for r in samples_of(out)}
-    assert set(s) == set(kinds)
-    assert {k for k, r in s.items() if r["correct"]} == {"ok", "flaky429", "flaky500"}
-    assert s["ok"]["prompt_tokens"] == 50 and s["ok"]["completion_tokens"] == 7
-    assert FakeOpenAI.attempts["flaky429"] == 3 and FakeOpenAI.attempts["flaky500"] == 3
-    assert FakeOpenAI.attempts["dead"] == 4 and FakeOpenAI.attempts["garbage"] == 4   # 1 + max_retries
-    assert FakeOpenAI.attempts["bad"] == 1                                            # 4xx: no retry
-    assert FakeOpenAI.attempts["slow"] == 4                                           # timed out, retried, gave up
-    assert s["dead"]["error"].startswith("engine error: HTTP 503")
-    assert "malformed" in s["garbage"]["error"] and "Timeout" in s["slow"]["error"]
-    fails = {r["item_id"]: r["reason"] for r in read_dir(store.join(out, "failures"))}
-    assert fails == {"dead": "engine error", "garbage": "engine error", "bad": "engine error",
-                     "slow": "engine error", "wrong": "wrong answer"}
-    assert set(FakeOpenAI.auth) == {"Bearer sk-test-SECRET"}
-    manifest = open(store.join(out, "manifest.json")).read()
-    assert "SECRET" not in manifest and json.loads(manifest)["teacher"]["model"] == "fake"
 
 
 # ------------------------------------------------------------------------------------ embedded SmolLM2

@@ -1,11 +1,10 @@
 """Train stage: label masks per chat template, packing, Ray Data example building, and real Ray Train
-+ DeepSpeed runs on a tiny model (ZeRO-2 LoRA, ZeRO-3 full fine-tuning through main(), a killed worker)."""
++ DeepSpeed runs on a tiny model (ZeRO-2 LoRA; ZeRO-3 full runs in test_pipeline.py; a killed worker in
+tests/reliability/test_killed_train_worker.py)."""
 from __future__ import annotations
 
 import glob
 import json
-import threading
-import time
 
 import pyarrow as pa
 import pytest
@@ -147,12 +146,6 @@ def _train(ray, model_dir, out, extra=()):
     return model, json.loads((out / "train_manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def lora_run(ray_local, tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora")
-    return (out, *_train(ray_local, tiny_model_dir, out))
-
-
 @pytest.mark.heavy
 def test_lora_zero2_two_workers(lora_run):
     out, model_dir, m = lora_run
@@ -187,44 +180,3 @@ def test_export_loads_generates_and_merge_equals_adapter(lora_run, tiny_model_di
         untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(**x).logits
     assert torch.allclose(a, b, atol=1e-4)
     assert not torch.allclose(a, untrained, atol=1e-3), "training changed the model"
-
-
-def _train_workers() -> list:
-    import psutil
-
-    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
-@pytest.mark.heavy
-def test_killed_worker_resumes_exactly(ray_local, tiny_model_dir, tmp_path, lora_run):
-    """Kill a worker process after the first checkpoint: Ray Train restarts the group, which resumes at
-    the saved step with the saved optimizer state and ends like the uninterrupted run."""
-    _, _, ref = lora_run
-    killed = []
-
-    def killer():
-        # wait until Ray Train has committed a checkpoint (all ranks reported), not just uploaded one
-        snapshot, deadline = tmp_path / "ray_train" / "checkpoint_manager_snapshot.json", time.time() + 600
-        while time.time() < deadline:
-            try:
-                if json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"].startswith("step-"):
-                    break
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            time.sleep(0.05)
-        workers = _train_workers()
-        if workers:
-            workers[-1].kill()
-            killed.append(workers[-1].pid)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    _, m = _train(ray_local, tiny_model_dir, tmp_path)
-    th.join()
-    assert killed and m["resumes"], "a worker was killed and the run resumed"
-    r = m["resumes"][0]
-    saved = {c["step"]: c["fingerprint"] for c in ref["checkpoints"]}
-    assert r["step"] in saved and r["fingerprint"] == r["saved_fingerprint"] == pytest.approx(saved[r["step"]], rel=1e-9)
-    assert m["steps"] == ref["steps"]
-    got, want = [h["loss"] for h in m["loss_curve"]], [h["loss"] for h in ref["loss_curve"]]
-    assert got == pytest.approx(want, rel=1e-5), "same data order and state after the resume"

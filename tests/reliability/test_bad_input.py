@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cft_ray import data, score, store
-from cft_ray.config import load_config, stage_dir
+from cft_ray.config import load_config
 
 GOOD = [{"id": f"g{k}", "question": f"What is {k} + {k}?", "options": [str(2 * k + d) for d in (-1, 0, 1, 2)],
          "answer": 1} for k in range(30)]

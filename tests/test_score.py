@@ -1,4 +1,5 @@
-"""Score stage: label-token mapping, parity with HF generate, OOM back-off, errors, actor pools, resume."""
+"""Score stage: label-token mapping, parity with HF generate, OOM back-off, errors, actor pools (a killed
+driver and a killed actor: tests/reliability/)."""
 from __future__ import annotations
 
 import json

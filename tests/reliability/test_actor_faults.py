@@ -49,6 +49,7 @@ def killer(name: str, parts_dir: str, times: int, killed: list, min_parts: int =
     return th
 
 
+@pytest.mark.heavy
 def test_scoring_actor_killed_mid_stage_is_restarted(ray_local, tmp_path, tiny_model_dir):
     items = _items(240)
     cfg = load_config(None, _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
@@ -66,6 +67,7 @@ def test_scoring_actor_killed_mid_stage_is_restarted(ray_local, tmp_path, tiny_m
     assert c["rows_in"] == len(items) == c["rows_out"] + c.get("errors", 0)
 
 
+@pytest.mark.heavy
 def test_scoring_actor_that_keeps_dying_fails_the_stage(ray_local, tmp_path, tiny_model_dir):
     items = _items(240)
     cfg = load_config(None, _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
@@ -85,6 +87,7 @@ def test_scoring_actor_that_keeps_dying_fails_the_stage(ray_local, tmp_path, tin
     assert len(ids) == len(set(ids)) < len(items), "what was written stays, once: a re-run resumes from it"
 
 
+@pytest.mark.heavy
 def test_teacher_actor_killed_mid_stage_is_restarted(ray_local, tmp_path, smollm2_dir, items):
     # the real SmolLM2 teacher: slow enough per batch (1 row, 24 tokens) that the kill lands mid-stage
     cfg = cfg_for(tmp_path, smollm2_dir, "teach.policy=keep_all", "teach.max_tokens=24", "teach.pool.batch_size=1",

@@ -78,6 +78,15 @@ class ActorPool(_Base):
     def cpu_threads(self) -> int:
         return self.threads or max(1, int(self.num_cpus))
 
+    def map_args(self) -> dict:
+        """`map_batches` arguments that place and size this pool (every stage's actors go through here)."""
+        import ray
+
+        lo, hi = (self.size, self.size) if isinstance(self.size, int) else self.size
+        compute = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+        return {"compute": compute, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "resources": self.resources or None, "max_restarts": self.max_restarts}
+
     @field_validator("size")
     @classmethod
     def _size(cls, v):

@@ -259,16 +259,11 @@ class Scorer:
 def score(ds, cfg: CftConfig, prompt: str = "score"):
     """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool per config.
     Extra input columns pass through; `prompt` is "score" (step 1) or "direct" (evaluation)."""
-    import ray
-
     pool = cfg.score.pool
-    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
-    compute = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
     # Blocks of one batch: upstream files may be one big block, which would feed a single actor.
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
     return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt}, batch_size=pool.batch_size,
-                          batch_format="pyarrow", compute=compute, num_cpus=pool.num_cpus,
-                          num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=pool.max_restarts)
+                          batch_format="pyarrow", **pool.map_args())
 
 
 def load_scores(score_dir: str, include_invalid: bool = False):

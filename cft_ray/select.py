@@ -132,18 +132,14 @@ class ResponseScorer:
 
 def respond(ds, cfg: CftConfig, model_dir: str, kind: str):
     """Rows -> RESPONSE_SCHEMA rows under `model_dir` (teacher-forced on the gold response)."""
-    import ray
-
     pool = cfg.select.pool
-    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
     schema = ds.schema(fetch_if_missing=False)
     if schema is not None:
         ds = ds.select_columns([c for c in PROMPT_COLUMNS if c in schema.names])
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
     return ds.map_batches(ResponseScorer, fn_constructor_kwargs={"cfg": cfg, "model_dir": model_dir, "kind": kind},
                           batch_size=pool.batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=pool.num_cpus,
-                          num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=pool.max_restarts)
+                          **pool.map_args())
 
 
 def choose(ids, resp_tokens, dnll, dh, gamma: float, beta: float, budget_by: str = "items") -> tuple[list[str], dict]:

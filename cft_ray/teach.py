@@ -116,13 +116,6 @@ def _out(t: pa.Table, rows: list[dict]) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------- backends
 
-def _compute(pool):
-    import ray
-
-    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
-    return ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
-
-
 class HFTeacher:
     """transformers `generate` on one model copy; rows of a batch are sorted by length and left-padded.
     Sampling is seeded per batch (HF has no per-row seeds), so an hf sample depends on its batch."""
@@ -352,9 +345,7 @@ def teach(ds, cfg: CftConfig, sample_idx: int = 0, prompt: str = "teacher"):
         # dashboard shows); workers already started on a cluster may not have the driver's env.
         cls, kwargs = (HFTeacher, {}) if t.backend == "hf" else (OpenAITeacher, {"api_key": os.environ.get(t.api_key_env)})
         out = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt, **kwargs}, batch_size=t.pool.batch_size,
-                             batch_format="pyarrow", compute=_compute(t.pool), num_cpus=t.pool.num_cpus,
-                             num_gpus=t.pool.num_gpus, resources=t.pool.resources or None,
-                             max_restarts=t.pool.max_restarts)
+                             batch_format="pyarrow", **t.pool.map_args())
     return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": cfg.prompt.labels},
                            batch_size=None, zero_copy_batch=True)
 

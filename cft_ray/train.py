@@ -148,11 +148,9 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
         routed = routed.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),
                              num_partitions=max(2, int(ray.cluster_resources().get("CPU", 2))))
     tc, pool = cfg.train, cfg.train.pool
-    lo, hi = (pool.size, pool.size) if isinstance(pool.size, int) else pool.size
     return routed.map_batches(
         Tokenize, batch_format="pyarrow", batch_size=pool.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=pool.num_cpus,
-        resources=pool.resources or None, max_restarts=pool.max_restarts,
+        **pool.map_args(),
         fn_constructor_kwargs={"model_dir": model_dir or models.resolve(cfg.student), "scheme": cfg.prompt.labels,
                                "max_length": tc.max_length, "loss_on": tc.loss_on, "truncation": tc.truncation,
                                "trust_remote_code": cfg.student.trust_remote_code})

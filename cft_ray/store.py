@@ -7,6 +7,7 @@ A stage is finished when `_SUCCESS` exists next to its `manifest.json`.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -58,6 +59,19 @@ def write_table(table: pa.Table, path: str) -> None:
     fs, p = _fs(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, p, filesystem=fs)
+
+
+def write_png(fig, path: str) -> None:
+    """A matplotlib figure as a PNG file at `path` (local or object store); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(buf.getvalue())
 
 
 def column_values(ds, name: str) -> pa.Array:

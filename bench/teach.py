@@ -89,7 +89,7 @@ def main() -> None:
     from cft_ray.config import ModelConfig
     from cft_ray.prompts import parse_marker, render, teacher_messages
     from cft_ray.config import TeachConfig
-    from cft_ray.teach import answer_grammar, text_budget
+    from cft_ray.generate import answer_grammar, text_budget
 
     torch.set_num_threads(os.cpu_count() or 1)
     mcfg = ModelConfig()

@@ -1,29 +1,26 @@
-"""`cft-ray <stage> --config X.yaml [key.sub=value ...]`: every subcommand is a stage's `main(cfg)`.
+"""`cft-ray <stage> --config X.yaml [key.sub=value ...]`: every subcommand is a stage of the registry
+(cft_ray.pipeline.STAGES), plus `run` (the chain), `data inspect` and `report <run dir>`.
 
-Stage modules expose `main(cfg: CftConfig) -> str` (the output directory); this file only parses
-arguments, starts or joins Ray, and prints where the output is. `jobs/*.py` call `job()`.
+This file only parses arguments, starts or joins Ray, and prints where the output is. `jobs/*.py`
+call `job()`.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
+import tempfile
 
+import pyarrow.parquet as pq
+
+from cft_ray import data, pipeline, report, store
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
+from cft_ray.pipeline import STAGES
+from cft_ray.runtime import init_ray
 
-STAGES = {
-    "data": "validate and prepare the corpus (items + errors Parquet)",
-    "score": "score every item with the student (entropy and friends)",
-    "split": "cut scored items into easy/medium/hard, hold out test sets, route",
-    "teach": "teacher chain-of-thought for the rows routed to cot",
-    "train": "Ray Train + DeepSpeed SFT of each arm",
-    "evaluate": "held-out accuracy of each arm",
-    "select": "InstructDiff differential-entropy data selection",
-    "run": "the whole pipeline, skipping finished stages",
-    "plan": "estimate tokens, FLOPs and GPU-hours per stage before running",
-}
+ALIASES = {"arms": ["evaluate"]}  # `cft-ray evaluate` (and jobs/evaluate.py) predate the arms module
+COMMANDS = {**{n: s.doc for n, s in STAGES.items()}, "run": "the whole pipeline, skipping finished stages"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cft-ray", description="Complexity-aware fine-tuning on Ray.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, doc in STAGES.items():
+    for name, doc in COMMANDS.items():
+        if name == "report":  # takes a run dir, not a config
+            continue
         if name == "data":
             dp = sub.add_parser("data", help=doc).add_subparsers(dest="data_cmd", required=True)
             _config_args(dp.add_parser("prepare", help=doc))
@@ -45,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
             ins.add_argument("overrides", nargs="*", metavar="data.key=value")
             ins.add_argument("--sample", type=int, default=3, help="items to print")
             continue
-        sp = sub.add_parser(name, help=doc)
+        sp = sub.add_parser(name, help=doc, aliases=ALIASES.get(name, []))
         _config_args(sp)
         if name == "run":
             sp.add_argument("--only", help="run just this stage (upstream must be finished)")
@@ -57,13 +56,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args) -> int:
-    import tempfile
-
-    import pyarrow.parquet as pq
-
-    from cft_ray import data, store
-    from cft_ray.runtime import init_ray
-
     cfg = load_config(None, [f"data.source={args.source}", *args.overrides])
     init_ray(cfg.ray.model_copy(update={"object_store_gb": 1}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,17 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "data" and args.data_cmd == "inspect":
             return _inspect(args)
         if args.cmd == "report":
-            from cft_ray import report
             print(report.main_dir(args.run_dir))
             return 0
         cfg = load_config(args.config, args.overrides)
-        from cft_ray.runtime import init_ray
         init_ray(cfg.ray)
-        module = importlib.import_module("cft_ray.pipeline" if args.cmd == "run" else f"cft_ray.{args.cmd}")
         if args.cmd == "run":
-            out = module.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
+            out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = module.main(cfg)
+            out = STAGES["arms" if args.cmd in ALIASES["arms"] else args.cmd].run(cfg)
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

@@ -239,6 +239,11 @@ class EvalConfig(_Base):
     balanced: bool = Field(True, description="Also evaluate on the bucket-balanced test set.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (paper protocol, reproducible); > 0 samples with `seed`.")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per evaluation engine (within one node); the student usually fits one.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments of the evaluation engines (max_model_len, enforce_eager, ...); the teacher's are not inherited.")
+    accelerator_type: str | None = Field(None, description="vllm: GPU type the evaluation engines must run on; None = any.")
+    cpu_kv_cache_gb: int = Field(2, ge=1, description="vllm on a CPU pool: KV cache GiB per evaluation engine (VLLM_CPU_KVCACHE_SPACE).")
+    hf_micro_batch: int = Field(8, ge=1, description="hf backend: sequences per generate call inside an actor batch.")
 
 
 class SelectConfig(_Base):
@@ -388,44 +393,5 @@ def config_hash(obj: BaseModel | dict | list, *more: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# Which config sections decide each stage's output. A stage's directory is keyed by their hash
-# (and, through the chain, by every upstream stage's), so changing a field re-runs exactly the
-# stages it affects. Actor-pool sizes are left out: they change speed, not results.
-STAGE_INPUTS = {
-    "data": ["data"],
-    "score": ["data", "student", "prompt", "score"],
-    "split": ["data", "student", "prompt", "score", "split"],
-    "teach": ["data", "student", "prompt", "score", "split", "teach"],
-    # the warm-up trains with the train section; a CoT response reads the teacher's outputs
-    "select": ["data", "student", "prompt", "score", "split", "teach", "select", "train"],
-}
-
-
 # `cft-ray <stage>` without --config: local Ray, SmolLM2, an MMLU sample (jobs/configs/local.yaml links here).
 EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
-
-
-COVERAGE_ARMS = {"all": "distill", "routed": "caft", "random": "random_routing"}
-
-
-def teacher_coverage(arms, select_cot: bool = False) -> set[str]:
-    """Which train rows the teach stage must cover for these arms: all (distill, or InstructDiff scoring
-    CoT responses), the split's CoT rows (caft), the random-routing subset. The teach manifest records
-    it: a finished teach stage whose coverage lacks a newly added arm's rows re-opens and generates
-    only the missing ones."""
-    need = {c for c, a in COVERAGE_ARMS.items() if a in arms}
-    return {"all"} if "all" in need or select_cot else need
-
-
-def stage_dir(cfg: CftConfig, stage: str) -> str:
-    """`<run_dir>/<stage>-<hash of the sections that decide it>`."""
-    sections = STAGE_INPUTS.get(stage, list(STAGE_INPUTS["teach"]) + [stage if stage in CftConfig.model_fields else "train"])
-    dump = cfg.model_dump(mode="json")
-    picked = {k: _drop_perf(dump[k]) for k in sections}
-    return f"{cfg.run_dir.rstrip('/')}/{stage}-{config_hash(picked)}"
-
-
-def _drop_perf(d):
-    if isinstance(d, dict):
-        return {k: _drop_perf(v) for k, v in d.items() if k not in ("pool", "token_budget")}
-    return d

@@ -12,32 +12,18 @@ import importlib.util
 import io
 import json
 import os
-import re
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cft_ray import store
+from cft_ray import layout, store
 from cft_ray.config import ColumnMap, ConfigError, DataConfig
+from cft_ray.layout import ERROR_SCHEMA, ITEM_SCHEMA
 from cft_ray.prompts import LETTERS
 
-ITEM_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string(), nullable=False),
-    pa.field("question", pa.string(), nullable=False),
-    pa.field("options", pa.list_(pa.string()), nullable=False),
-    pa.field("answer", pa.int32(), nullable=False),  # 0-based; prompts render 1..N
-    pa.field("subject", pa.string()),
-    pa.field("category", pa.string()),
-    pa.field("source", pa.string()),  # "<file>:<row>" provenance
-])
-ERROR_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("raw", pa.string()),  # the offending record, truncated
-])
 # Internal columns while reading: provenance for "first occurrence wins", and the error reason.
 _PARSED_SCHEMA = pa.schema([f.with_nullable(True) for f in ITEM_SCHEMA]).append(pa.field("_file", pa.int32())).append(pa.field("_row", pa.int64())) \
     .append(pa.field("_reason", pa.string())).append(pa.field("_raw", pa.string()))
@@ -362,33 +348,18 @@ def ingest(cfg: DataConfig, out_dir: str | os.PathLike) -> dict:
 
 
 def _reason_kinds(errors) -> dict:
-    """Error counts by kind (the reason up to its first ':' or '(')."""
-    out: dict = {}
-    for b in errors.select_columns(["reason"]).iter_batches(batch_format="pyarrow"):
-        for r in b["reason"].to_pylist():
-            k = re.split(r"[:(]", r, maxsplit=1)[0].strip()
-            out[k] = out.get(k, 0) + 1
-    return out
-
-
-def load_items(prepared_dir: str):
-    """The validated items of a prepared data dir, as a Ray Dataset."""
-    import ray
-
-    return ray.data.read_parquet(store.join(str(prepared_dir), "items"))
+    """Error counts by kind (store.reason_counts), streamed over the error rows."""
+    return store.reason_counts(r for b in errors.select_columns(["reason"]).iter_batches(batch_format="pyarrow")
+                               for r in b["reason"].to_pylist())
 
 
 def main(cfg) -> str:
     """Stage entry: prepare `cfg.data` into its stage directory (skipped when already finished)."""
-    import time
-
-    from cft_ray.config import config_hash, stage_dir
-
-    out = stage_dir(cfg, "data")
-    if store.is_done(out):
+    out = layout.stage_dir(cfg, "data")
+    if layout.finished(out, "data"):
         return out
     started = time.time()
     counts = ingest(cfg.data, out)
-    store.finish(out, store.stage_manifest("data", config_hash(cfg.data), started, counts,
+    store.finish(out, store.stage_manifest("data", layout.dir_hash(out), started, counts,
                                            [("source", cfg.data.source)]))
     return out

@@ -12,6 +12,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from cft_ray import store
+
 EPS = 1e-12  # the paper's h = -sum p ln(p + 1e-12)
 
 # Score columns and their direction: "uncertainty" grows when the model is unsure (confidence =
@@ -92,7 +94,7 @@ def roc_report(df, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "cor
 
 
 def plot_roc(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "correct") -> None:
-    """ROC curves of every metric (overall) into one PNG file object or path."""
+    """ROC curves of every metric (overall) into one PNG file at `path_png` (local or s3://)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,12 +114,11 @@ def plot_roc(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: st
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path_png, format="png", dpi=110)
-    plt.close(fig)
+    store.write_png(fig, str(path_png))
 
 
 def plot_hist(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "correct") -> None:
-    """Per-metric histograms, correct vs incorrect rows overlaid (density)."""
+    """Per-metric histograms, correct vs incorrect rows overlaid (density), into a PNG at `path_png`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,5 +141,4 @@ def plot_hist(df, path_png, metrics: Mapping[str, str] = SCORE_METRICS, label: s
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path_png, format="png", dpi=110)
-    plt.close(fig)
+    store.write_png(fig, str(path_png))

@@ -11,8 +11,10 @@ import json
 import logging
 import time
 
-from cft_ray import prompts, store
-from cft_ray.config import CftConfig, ModelConfig, teacher_coverage
+from cft_ray import data, layout, prompts, store
+from cft_ray.arms import select_cot, teacher_coverage
+from cft_ray.config import CftConfig, ModelConfig
+from cft_ray.models import load_tokenizer, resolve
 
 log = logging.getLogger("cft_ray")
 
@@ -28,8 +30,6 @@ def param_count(cfg: ModelConfig, override_b: float | None = None) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cft_ray.models import resolve
-
     mcfg = AutoConfig.from_pretrained(resolve(cfg), trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
@@ -38,8 +38,6 @@ def param_count(cfg: ModelConfig, override_b: float | None = None) -> float:
 
 def token_stats(cfg: CftConfig, rows: list[dict]) -> dict:
     """Mean token lengths of every prompt/target kind the run will build, on a sample of items."""
-    from cft_ray.models import load_tokenizer
-
     tok = load_tokenizer(cfg.student)
     scheme = cfg.prompt.labels
 
@@ -73,9 +71,9 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
     pool = sum(x for x, b in zip(per_bucket, names) if routes[b] != "drop")
     cot_items = sum(x for x, b in zip(per_bucket, names) if routes[b] == "cot")
     hard_frac = cot_items / pool if pool else 0.0
-    # the teacher covers every arm's CoT rows (config.teacher_coverage): all rows for distill;
+    # the teacher covers every arm's CoT rows (arms.teacher_coverage): all rows for distill;
     # random routing's subset overlaps caft's by chance only, so it is counted in full
-    cover = teacher_coverage(cfg.arms, cfg.selection == "instructdiff" and cfg.select.response == "cot")
+    cover = teacher_coverage(cfg.arms, select_cot(cfg))
     taught = pool if "all" in cover else cot_items * len(cover)
     out_tokens = cfg.teach.max_tokens * p.teacher_fill
     attempts = 1 + (cfg.teach.samples - 1) * p.resample_rate if cfg.teach.policy == "resample" else 1
@@ -124,11 +122,9 @@ def estimate(cfg: CftConfig, n_items: int, lengths: dict, student_params: float,
 
 def main(cfg: CftConfig) -> str:
     """`cft-ray plan`: needs the data stage (it reads the item count and a sample), nothing else."""
-    from cft_ray import data
-
     ddir = data.main(cfg)  # cheap, idempotent: the plan is about *this* corpus
     n_items = store.read_json(store.join(ddir, "manifest.json"))["counts"]["rows_out"]
-    sample = data.load_items(ddir).limit(cfg.plan.sample_rows).take_all()
+    sample = layout.load_items(ddir).limit(cfg.plan.sample_rows).take_all()
     lengths = token_stats(cfg, sample)
     teacher = None
     if cfg.teach.backend != "openai":

@@ -5,23 +5,11 @@ be re-rendered at any time with `cft-ray report <run_dir>`.
 """
 from __future__ import annotations
 
-import io
 import logging
 
 from cft_ray import store
 
 log = logging.getLogger("cft_ray")
-
-
-def _png(fig, path: str) -> None:
-    import fsspec
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    with fsspec.open(path, "wb") as f:
-        f.write(buf.getvalue())
 
 
 def _copy(src: str, dst: str) -> bool:
@@ -76,7 +64,7 @@ def plot_arms(arms: dict, out: str) -> None:
     axes[1].set_xticks(np.arange(len(buckets)) + w * (len(names) - 1) / 2, buckets)
     axes[1].set(ylabel="accuracy", title="test accuracy per difficulty bucket")
     axes[1].legend(fontsize=8)
-    _png(fig, out)
+    store.write_png(fig, out)
 
 
 def plot_spent(arms: dict, out: str) -> None:
@@ -89,7 +77,7 @@ def plot_spent(arms: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, [arms[a]["data_spent"]["target_tokens"] for a in names], color="tab:orange")
     ax.set(ylabel="supervised target tokens x epochs", title="data spent per arm")
-    _png(fig, out)
+    store.write_png(fig, out)
 
 
 def plan_vs_actual(p: dict, dirs: dict, run_dir: str) -> list[tuple[str, str, float, float | None]]:
@@ -111,123 +99,170 @@ def plan_vs_actual(p: dict, dirs: dict, run_dir: str) -> list[tuple[str, str, fl
     return out
 
 
-def render(run_dir: str) -> str:
-    """Write report.md (+ plots) for a run directory; returns its path."""
-    rdir = store.join(run_dir, "report")
-    run = store.read_json(store.join(run_dir, "run_manifest.json")) if store.exists(store.join(run_dir, "run_manifest.json")) else {}
-    dirs = run.get("stage_dirs", {})
-    cfg = run.get("config", {})
+def _section_setup(run: dict, run_dir: str) -> list[str]:
+    """Title and the run's configuration: models, data, split, training, evaluation, versions."""
     lines = [f"# cft-ray report: `{run_dir}`", ""]
-    if cfg:
-        st, te = cfg["student"], cfg["teach"]
-        lines += [f"- student: `{st['name']}` ({st['dtype']}); teacher: `{te['model']['name'] if te['backend'] != 'openai' else te.get('api_model')}` "
-                  f"via {te['backend']} (temperature {te['temperature']}, top_p {te['top_p']}, max_tokens {te['max_tokens']}, "
-                  f"seed {te['seed']}, policy {te['policy']} x{te['samples']}, format constraint {te['constrain_format']})",
-                  f"- data: `{cfg['data']['source']}` (limit {cfg['data']['limit']}); labels: {cfg['prompt']['labels']} "
-                  f"(fallback {cfg['prompt']['fallback']})",
-                  f"- split: metric `{cfg['split']['metric']}`, {cfg['split']['method']} {cfg['split']['quantiles'] if cfg['split']['method'] == 'quantiles' else ''}, "
-                  f"routing {cfg['split']['routing']}",
-                  f"- train: {cfg['train']['method']}, lr {cfg['train']['lr']}, epochs/phase {cfg['train']['epochs']}, "
-                  f"effective batch {cfg['train']['micro_batch'] * cfg['train']['grad_accum'] * cfg['train']['num_workers']}, "
-                  f"ZeRO-{cfg['train']['zero_stage']}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
-                  f"- evaluation: {cfg['eval']['mode']} mode, max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
-                  f"- config hash `{run.get('config_hash')}`; versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v), ""]
+    cfg = run.get("config", {})
+    if not cfg:
+        return lines
+    st, te = cfg["student"], cfg["teach"]
+    return lines + [
+        f"- student: `{st['name']}` ({st['dtype']}); teacher: `{te['model']['name'] if te['backend'] != 'openai' else te.get('api_model')}` "
+        f"via {te['backend']} (temperature {te['temperature']}, top_p {te['top_p']}, max_tokens {te['max_tokens']}, "
+        f"seed {te['seed']}, policy {te['policy']} x{te['samples']}, format constraint {te['constrain_format']})",
+        f"- data: `{cfg['data']['source']}` (limit {cfg['data']['limit']}); labels: {cfg['prompt']['labels']} "
+        f"(fallback {cfg['prompt']['fallback']})",
+        f"- split: metric `{cfg['split']['metric']}`, {cfg['split']['method']} {cfg['split']['quantiles'] if cfg['split']['method'] == 'quantiles' else ''}, "
+        f"routing {cfg['split']['routing']}",
+        f"- train: {cfg['train']['method']}, lr {cfg['train']['lr']}, epochs/phase {cfg['train']['epochs']}, "
+        f"effective batch {cfg['train']['micro_batch'] * cfg['train']['grad_accum'] * cfg['train']['num_workers']}, "
+        f"ZeRO-{cfg['train']['zero_stage']}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
+        f"- evaluation: {cfg['eval']['mode']} mode, max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
+        f"- config hash `{run.get('config_hash')}`; versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v), ""]
 
-    m = _manifest(dirs.get("data"))
-    if m:
-        c = m["counts"]
-        lines += ["## Data", f"{c['rows_in']:,} rows in, {c['valid']:,} valid, {c['errors']:,} rejected "
-                  f"({', '.join(f'{k}: {v}' for k, v in c.get('error_reasons', {}).items())}); {c['rows_out']:,} items used.", ""]
 
-    sdir = dirs.get("score")
+def _section_data(data_dir: str | None) -> list[str]:
+    """Rows read, validated, rejected (by reason) and used."""
+    m = _manifest(data_dir)
+    if not m:
+        return []
+    c = m["counts"]
+    return ["## Data", f"{c['rows_in']:,} rows in, {c['valid']:,} valid, {c['errors']:,} rejected "
+            f"({', '.join(f'{k}: {v}' for k, v in c.get('error_reasons', {}).items())}); {c['rows_out']:,} items used.", ""]
+
+
+def _section_score(sdir: str | None, rdir: str) -> list[str]:
+    """Student accuracy, throughput and each uncertainty metric's ROC AUC; copies the score plots."""
     m = _manifest(sdir)
-    if m:
-        roc = store.read_json(store.join(sdir, "roc.json"))
-        ov = roc["overall"]
-        lines += ["## Score: how unsure is the student?",
-                  f"Student accuracy on its own answer token: {_fmt(ov['accuracy'])} over {ov['n']:,} valid rows; "
-                  f"{m['throughput']['rows_per_s']:.1f} rows/s, {m['throughput']['tokens_per_s']:.0f} tokens/s, "
-                  f"padding waste {m['throughput'].get('padding_waste')}.", "",
-                  "ROC AUC of each metric as a predictor of a correct answer (confidence = 1 - metric/max):", ""]
-        lines += _table(["metric", "AUC"], [[k, v] for k, v in ov["auc"].items()]) + [""]
-        for name in ("roc.png", "hist.png"):
-            if _copy(store.join(sdir, name), store.join(rdir, f"score_{name}")):
-                lines.append(f"![{name}](score_{name})")
-        lines.append("")
+    if not m:
+        return []
+    ov = store.read_json(store.join(sdir, "roc.json"))["overall"]
+    lines = ["## Score: how unsure is the student?",
+             f"Student accuracy on its own answer token: {_fmt(ov['accuracy'])} over {ov['n']:,} valid rows; "
+             f"{m['throughput']['rows_per_s']:.1f} rows/s, {m['throughput']['tokens_per_s']:.0f} tokens/s, "
+             f"padding waste {m['throughput'].get('padding_waste')}.", "",
+             "ROC AUC of each metric as a predictor of a correct answer (confidence = 1 - metric/max):", ""]
+    lines += _table(["metric", "AUC"], [[k, v] for k, v in ov["auc"].items()]) + [""]
+    for name in ("roc.png", "hist.png"):
+        if _copy(store.join(sdir, name), store.join(rdir, f"score_{name}")):
+            lines.append(f"![{name}](score_{name})")
+    return lines + [""]
 
-    spdir = dirs.get("split")
-    if spdir and store.exists(store.join(spdir, "split.json")):
-        sj = store.read_json(store.join(spdir, "split.json"))
-        lines += ["## Split", f"Difficulty `{sj['difficulty']}`, normalised by {sj['normalize']}; thresholds "
-                  f"{[round(x, 4) for x in sj['thresholds']]} (fitted on {sj['fitted_on']}). Routing: {sj['routing']}.", ""]
-        lines += _table(["split"] + sj["buckets"], [[s] + [v.get(b, 0) for b in sj["buckets"]] for s, v in sj["sizes"].items()])
-        lines += ["", f"Excluded (kept, flagged): {sj['excluded'] or 'none'}."]
-        if _copy(store.join(spdir, sj.get("plot", "distribution.png")), store.join(rdir, "split_distribution.png")):
-            lines += ["", "![distribution](split_distribution.png)"]
-        lines.append("")
 
-    m = _manifest(dirs.get("teach"))
-    if m:
-        c = m["counts"]
-        lines += ["## Teach", "Teacher chain-of-thought for the rows routed to CoT, checked against gold:", ""]
-        lines += _table(["counter", "value"], [[k, v] for k, v in c.items() if not isinstance(v, dict)])
-        for k, v in c.items():
-            if isinstance(v, dict):
-                lines.append(f"- {k}: {v}")
-        lines.append("")
+def _section_split(spdir: str | None, rdir: str) -> list[str]:
+    """Difficulty thresholds, bucket sizes per split and exclusions; copies the distribution plot."""
+    if not (spdir and store.exists(store.join(spdir, "split.json"))):
+        return []
+    sj = store.read_json(store.join(spdir, "split.json"))
+    lines = ["## Split", f"Difficulty `{sj['difficulty']}`, normalised by {sj['normalize']}; thresholds "
+             f"{[round(x, 4) for x in sj['thresholds']]} (fitted on {sj['fitted_on']}). Routing: {sj['routing']}.", ""]
+    lines += _table(["split"] + sj["buckets"], [[s] + [v.get(b, 0) for b in sj["buckets"]] for s, v in sj["sizes"].items()])
+    lines += ["", f"Excluded (kept, flagged): {sj['excluded'] or 'none'}."]
+    if _copy(store.join(spdir, sj.get("plot", "distribution.png")), store.join(rdir, "split_distribution.png")):
+        lines += ["", "![distribution](split_distribution.png)"]
+    return lines + [""]
 
-    sel = dirs.get("select")
+
+def _section_teach(teach_dir: str | None) -> list[str]:
+    """The teacher's counters: scalar ones as a table, nested ones as bullet points."""
+    m = _manifest(teach_dir)
+    if not m:
+        return []
+    c = m["counts"]
+    lines = ["## Teach", "Teacher chain-of-thought for the rows routed to CoT, checked against gold:", ""]
+    lines += _table(["counter", "value"], [[k, v] for k, v in c.items() if not isinstance(v, dict)])
+    lines += [f"- {k}: {v}" for k, v in c.items() if isinstance(v, dict)]
+    return lines + [""]
+
+
+def _section_select(sel: str | None, rdir: str) -> list[str]:
+    """InstructDiff's cuts, pool counts and value quantiles; copies the selection plot."""
     m = _manifest(sel)
-    if m:
-        c, cuts, sm = m["counts"], m["cuts"], m["summary"]
-        lines += ["## Select: InstructDiff", f"Parameters {m['params']}. Pool {c['rows_in']:,} items, {c.get('unscored', 0)} "
-                  f"without a score; dNLL tails cut at [{_fmt(cuts['dnll_low'])}, {_fmt(cuts['dnll_high'])}] "
-                  f"({c.get('dnll_low', 0)} + {c.get('dnll_high', 0)} dropped), {c.get('over_budget', 0)} over the budget "
-                  f"({_fmt(cuts['budget'], 1)} {m['params']['budget_by']}), {c.get('selected', 0)} selected "
-                  f"(max dH {_fmt(cuts['dh_max_selected'])}). Rounds: {m['timings']['rounds']}.", ""]
-        lines += _table(["value (p10 / p50 / p90)", *sm.get("dnll", {})],
-                        [[k, *v.values()] for k, v in sm.items() if k != "selected_mean"]) + [""]
-        if _copy(store.join(sel, "select.png"), store.join(rdir, "select.png")):
-            lines += ["![select](select.png)", ""]
+    if not m:
+        return []
+    c, cuts, sm = m["counts"], m["cuts"], m["summary"]
+    lines = ["## Select: InstructDiff", f"Parameters {m['params']}. Pool {c['rows_in']:,} items, {c.get('unscored', 0)} "
+             f"without a score; dNLL tails cut at [{_fmt(cuts['dnll_low'])}, {_fmt(cuts['dnll_high'])}] "
+             f"({c.get('dnll_low', 0)} + {c.get('dnll_high', 0)} dropped), {c.get('over_budget', 0)} over the budget "
+             f"({_fmt(cuts['budget'], 1)} {m['params']['budget_by']}), {c.get('selected', 0)} selected "
+             f"(max dH {_fmt(cuts['dh_max_selected'])}). Rounds: {m['timings']['rounds']}.", ""]
+    lines += _table(["value (p10 / p50 / p90)", *sm.get("dnll", {})],
+                    [[k, *v.values()] for k, v in sm.items() if k != "selected_mean"]) + [""]
+    if _copy(store.join(sel, "select.png"), store.join(rdir, "select.png")):
+        lines += ["![select](select.png)", ""]
+    return lines
 
+
+def _section_arms(run_dir: str, rdir: str) -> list[str]:
+    """Held-out accuracy and data spent per arm, CAFT's saving over distillation; draws the arm plots."""
     arms_path = store.join(run_dir, "arms.json")
-    if store.exists(arms_path):
-        arms = store.read_json(arms_path)
-        lines += ["## Arms: held-out accuracy and the data each spent", ""]
-        rows = []
-        for a, v in arms.items():
-            t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
-            d = v["data_spent"]
-            rows.append([a, v["prompt"], f"{t['accuracy']:.3f} ± {t['stderr']:.3f}", t["n"],
-                         f"{b['accuracy']:.3f} ± {b['stderr']:.3f}" if b else "-", t["parse_failure_rate"],
-                         d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])
-        lines += _table(["arm", "prompt", "test acc ± s.e.", "n", "balanced acc ± s.e.", "parse failures",
-                         "target tokens x epochs", "teacher calls", "teacher tokens out"], rows)
-        if "caft" in arms and "distill" in arms and arms["distill"]["data_spent"]["target_tokens"]:
-            saving = 1 - arms["caft"]["data_spent"]["target_tokens"] / arms["distill"]["data_spent"]["target_tokens"]
-            lines += ["", f"CAFT spends {saving:.1%} fewer supervised target tokens than full distillation "
-                          "(the paper's measure; paper: 81%)."]
-        plot_arms(arms, store.join(rdir, "arms_accuracy.png"))
-        plot_spent(arms, store.join(rdir, "arms_spent.png"))
-        lines += ["", "![accuracy](arms_accuracy.png)", "", "![spent](arms_spent.png)", ""]
+    if not store.exists(arms_path):
+        return []
+    arms = store.read_json(arms_path)
+    rows = []
+    for a, v in arms.items():
+        t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
+        d = v["data_spent"]
+        rows.append([a, v["prompt"], f"{t['accuracy']:.3f} ± {t['stderr']:.3f}", t["n"],
+                     f"{b['accuracy']:.3f} ± {b['stderr']:.3f}" if b else "-", t["parse_failure_rate"],
+                     d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])
+    lines = ["## Arms: held-out accuracy and the data each spent", ""]
+    lines += _table(["arm", "prompt", "test acc ± s.e.", "n", "balanced acc ± s.e.", "parse failures",
+                     "target tokens x epochs", "teacher calls", "teacher tokens out"], rows)
+    if "caft" in arms and "distill" in arms and arms["distill"]["data_spent"]["target_tokens"]:
+        saving = 1 - arms["caft"]["data_spent"]["target_tokens"] / arms["distill"]["data_spent"]["target_tokens"]
+        lines += ["", f"CAFT spends {saving:.1%} fewer supervised target tokens than full distillation "
+                      "(the paper's measure; paper: 81%)."]
+    plot_arms(arms, store.join(rdir, "arms_accuracy.png"))
+    plot_spent(arms, store.join(rdir, "arms_spent.png"))
+    return lines + ["", "![accuracy](arms_accuracy.png)", "", "![spent](arms_spent.png)", ""]
 
-    stages = run.get("stages", {})
-    if stages:
-        lines += ["## Time per stage", ""]
-        lines += _table(["stage", "wall s", "status"], [[s, v.get("wall_s"), v.get("skipped") or "ran"] for s, v in stages.items()])
-        lines.append("")
+
+def _section_times(stages: dict) -> list[str]:
+    """Wall time and status (ran or why skipped) of each pipeline stage."""
+    if not stages:
+        return []
+    return (["## Time per stage", ""]
+            + _table(["stage", "wall s", "status"], [[s, v.get("wall_s"), v.get("skipped") or "ran"] for s, v in stages.items()])
+            + [""])
+
+
+def _section_plan(run_dir: str, dirs: dict) -> list[str]:
+    """The cost plan's estimates against what the stages counted (see plan_vs_actual)."""
     plan_path = store.join(run_dir, "plan.json")
-    if store.exists(plan_path):
-        p = store.read_json(plan_path)
-        rows = [[f"{k} ({s})", v, a, a / v if a is not None and v else None] for k, s, v, a in plan_vs_actual(p, dirs, run_dir)]
-        lines += ["## Plan vs actual", f"What `cft-ray plan` estimated before the run (priced on {p['gpu']}: "
-                  f"{p['total_gpu_hours']:.3f} GPU-hours in total) against what the stages counted:", ""]
-        lines += _table(["quantity", "planned", "actual", "actual / planned"], rows) + [""]
-    path = store.join(rdir, "report.md")
+    if not store.exists(plan_path):
+        return []
+    p = store.read_json(plan_path)
+    rows = [[f"{k} ({s})", v, a, a / v if a is not None and v else None] for k, s, v, a in plan_vs_actual(p, dirs, run_dir)]
+    lines = ["## Plan vs actual", f"What `cft-ray plan` estimated before the run (priced on {p['gpu']}: "
+             f"{p['total_gpu_hours']:.3f} GPU-hours in total) against what the stages counted:", ""]
+    return lines + _table(["quantity", "planned", "actual", "actual / planned"], rows) + [""]
+
+
+def _write_text(path: str, text: str) -> None:
     fs, p = store._fs(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
-        f.write("\n".join(lines).encode())
+        f.write(text.encode())
+
+
+def render(run_dir: str) -> str:
+    """Write report.md (+ plots) for a run directory; returns its path."""
+    rdir = store.join(run_dir, "report")
+    run_path = store.join(run_dir, "run_manifest.json")
+    run = store.read_json(run_path) if store.exists(run_path) else {}
+    dirs = run.get("stage_dirs", {})
+    lines = (_section_setup(run, run_dir)
+             + _section_data(dirs.get("data"))
+             + _section_score(dirs.get("score"), rdir)
+             + _section_split(dirs.get("split"), rdir)
+             + _section_teach(dirs.get("teach"))
+             + _section_select(dirs.get("select"), rdir)
+             + _section_arms(run_dir, rdir)
+             + _section_times(run.get("stages", {}))
+             + _section_plan(run_dir, dirs))
+    path = store.join(rdir, "report.md")
+    _write_text(path, "\n".join(lines))
     return path
 
 

@@ -20,7 +20,6 @@ between "1" and "1x", as `generate` would. Use `prompt.labels=letters` when >9 o
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 import re
 import time
@@ -30,32 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cft_ray import metrics, store
-from cft_ray.config import CftConfig, ConfigError, stage_dir
-from cft_ray.data import ITEM_SCHEMA
+from cft_ray import layout, metrics, models, store
+from cft_ray.batching import MicroBatcher, left_pad
+from cft_ray.config import ActorPool, CftConfig, ConfigError, ModelConfig
+from cft_ray.layout import ITEM_SCHEMA, SCORE_FIELDS, SCORE_SCHEMA
 from cft_ray.prompts import DIRECT_PREFIX, label_to_index, labels, messages, render
 
 log = logging.getLogger("cft_ray")
 
-SCORE_FIELDS = [
-    pa.field("entropy", pa.float32()),          # full-vocabulary entropy at the first generated position, nats
-    pa.field("entropy_options", pa.float32()),  # entropy renormalised over the option labels' first tokens
-    pa.field("ce_gold", pa.float32()),          # -log p(gold label's first token), full-vocabulary softmax
-    pa.field("max_prob", pa.float32()),
-    pa.field("margin", pa.float32()),           # top-1 minus top-2 probability
-    pa.field("argmax_id", pa.int64()),
-    pa.field("argmax_token", pa.string()),
-    pa.field("pred", pa.int32()),               # 0-based option; -1 = "0" (unknown) under fallback; null = invalid
-    pa.field("pred_options", pa.int32()),       # 0-based argmax over the option labels only (never invalid)
-    pa.field("valid", pa.bool_()),              # pred is an option or unknown
-    pa.field("unknown", pa.bool_()),
-    pa.field("correct", pa.bool_()),
-    pa.field("label_collision", pa.bool_()),    # this item's labels share first tokens (see module doc)
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("padded_tokens", pa.int32()),      # length of the micro-batch the row ran in (padding accounting)
-    pa.field("error", pa.string()),             # why the row was not scored; null when scored
-]
-SCORE_SCHEMA = pa.schema([*ITEM_SCHEMA, *SCORE_FIELDS])
 MAX_OPTIONS = 20
 
 
@@ -80,43 +61,24 @@ def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str
     return out
 
 
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
-
-
-def trim_heap() -> None:
-    """Hand freed heap back to the OS after a batch: every micro-batch has another shape, and glibc keeps
-    the fragments, so a long-running actor's RSS grew with the corpus (890 MB at 1k items, 1.55 GB at 4k)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc (musl): nothing to trim
-            pass
-
-
 class Scorer:
     """Ray Data actor: a pyarrow batch of items -> the same rows with SCORE_FIELDS appended.
-    `prompt="direct"` scores the direct-answer prompt after "[[" (direct-mode evaluation)."""
+    `prompt="direct"` scores the direct-answer prompt after "[[" (direct-mode evaluation, which
+    passes its own `model` and `pool`); the defaults are the student and the score pool."""
 
-    def __init__(self, cfg: CftConfig, prompt: str = "score"):
+    def __init__(self, cfg: CftConfig, prompt: str = "score", model: ModelConfig | None = None,
+                 pool: ActorPool | None = None):
         import torch
 
-        from cft_ray import models
-
-        self.device = models.device_of(cfg.student)
+        model, pool = model or cfg.student, pool or cfg.score.pool
+        self.device = models.device_of(model)
         if self.device == "cpu":  # one intra-op thread per reserved CPU; more would fight Ray's tasks
-            torch.set_num_threads(cfg.score.pool.cpu_threads())
-        self.tok, self.model = models.load(cfg.student, self.device)
+            torch.set_num_threads(pool.cpu_threads())
+        self.tok, self.model = models.load(model, self.device)
         self.kind = prompt
         self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback and prompt == "score"
-        self.budget, self.max_tokens = cfg.score.token_budget, cfg.score.max_prompt_tokens
-        self.max_padding = cfg.score.max_padding
+        self.max_tokens = cfg.score.max_prompt_tokens
+        self.batcher = MicroBatcher(cfg.score.token_budget, cfg.score.max_padding, self.device)
         self.pad_id = self.tok.pad_token_id
         first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback, prompt).items()}
         # Per option count n: each label's first token, and the first tokens shared by >1 label.
@@ -126,7 +88,6 @@ class Scorer:
         if not self.keep_arg:
             log.warning("%s.forward has no logits_to_keep: full logits are computed (more memory)",
                         type(self.model).__name__)
-        self.max_rows: int | None = None  # set after an out-of-memory error, halved on each one
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(ITEM_SCHEMA.names).to_pylist()
@@ -145,43 +106,14 @@ class Scorer:
                 res[i]["error"] = f"prompt has {len(ids)} tokens > score.max_prompt_tokens={self.max_tokens}"
             else:
                 enc.append((i, ids))
-        enc.sort(key=lambda e: -len(e[1]))  # longest first: an OOM shows up on the first micro-batch
-        pos = 0
-        while pos < len(enc):
-            width = len(enc[pos][1])
-            rows_max = self.budget // width if self.max_rows is None else min(self.budget // width, self.max_rows)
-            stop = min(len(enc), pos + max(1, rows_max))
-            end = pos + 1
-            while end < stop and len(enc[end][1]) >= width * (1 - self.max_padding):
-                end += 1
-            chunk = enc[pos:end]
-            try:
-                self._score(chunk, rows, res)
-            except Exception as e:  # noqa: BLE001 - OOM shrinks the batch; anything else is isolated per row
-                if _is_oom(e) and len(chunk) > 1:
-                    self.max_rows = max(1, len(chunk) // 2)
-                    log.warning("out of memory on %d rows x %d tokens: micro-batches now <= %d rows",
-                                len(chunk), len(chunk[0][1]), self.max_rows)
-                    self._free()
-                    continue
-                for one in chunk if len(chunk) > 1 else []:
-                    try:
-                        self._score([one], rows, res)
-                    except Exception as e1:  # noqa: BLE001
-                        res[one[0]]["error"] = f"scoring failed: {type(e1).__name__}: {e1}"[:500]
-                if len(chunk) == 1:
-                    res[chunk[0][0]]["error"] = f"scoring failed: {type(e).__name__}: {e}"[:500]
-                self._free()
-            pos += len(chunk)
-        out = self._table(batch, rows, res)
-        trim_heap()
-        return out
+        for (i, _), reason in self.batcher.run(enc, lambda chunk: self._score(chunk, rows, res)):
+            res[i]["error"] = reason
+        return self._table(batch, rows, res)
 
-    def _free(self) -> None:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    @property
+    def max_rows(self) -> int | None:
+        """Rows per micro-batch after an out-of-memory error (None: the token budget alone)."""
+        return self.batcher.max_rows
 
     def _forward(self, ids, mask, position_ids, use_cache=False, past=None):
         kw = {"logits_to_keep": 1} if self.keep_arg else {}
@@ -193,12 +125,7 @@ class Scorer:
         import torch
 
         width = len(chunk[0][1])
-        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (_, t) in enumerate(chunk):
-            ids[j, width - len(t):] = torch.tensor(t)
-            mask[j, width - len(t):] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, position_ids = left_pad([t for _, t in chunk], self.pad_id)
         ns = [len(rows[i]["options"]) for i, _ in chunk]
         opt = torch.zeros((len(chunk), MAX_OPTIONS), dtype=torch.long)
         opt_mask = torch.zeros((len(chunk), MAX_OPTIONS), dtype=torch.bool)
@@ -256,23 +183,15 @@ class Scorer:
                                     schema=pa.schema([*SCORE_SCHEMA, *extra]))
 
 
-def score(ds, cfg: CftConfig, prompt: str = "score"):
-    """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool per config.
-    Extra input columns pass through; `prompt` is "score" (step 1) or "direct" (evaluation)."""
-    pool = cfg.score.pool
+def score(ds, cfg: CftConfig, prompt: str = "score", model: ModelConfig | None = None, pool: ActorPool | None = None):
+    """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool (score.pool unless
+    given). Extra input columns pass through; `prompt` is "score" (step 1) or "direct" (evaluation)."""
+    pool = pool or cfg.score.pool
     # Blocks of one batch: upstream files may be one big block, which would feed a single actor.
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
-    return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt}, batch_size=pool.batch_size,
+    return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt, "model": model, "pool": pool},
+                          batch_size=pool.batch_size,
                           batch_format="pyarrow", **pool.map_args())
-
-
-def load_scores(score_dir: str, include_invalid: bool = False):
-    """The scored rows of a finished score stage as a Ray Dataset: by default the rows splitting
-    uses (scored, valid, not unknown); include_invalid=True gives every row, errors included."""
-    from ray.data.expressions import col
-
-    ds = store.read_parts(store.join(score_dir, "parts"))
-    return ds if include_invalid else ds.filter(expr=col("valid") & ~col("unknown"))
 
 
 DIAG_COLUMNS = ["item_id", "subject", "category", "valid", "unknown", "correct", "label_collision",
@@ -281,35 +200,24 @@ DIAG_COLUMNS = ["item_id", "subject", "category", "valid", "unknown", "correct",
 
 def _diagnostics(out: str, df) -> dict:
     """roc.json, roc.png, hist.png over the valid rows; returns the overall summary."""
-    import fsspec
-
     ok = df[df["valid"] & ~df["unknown"]]
     report = metrics.roc_report(ok)
     report["rows"] = {"scored": int(df["error"].isna().sum()), "used": int(len(ok))}
     store.write_json(store.join(out, "roc.json"), report)
-    for name, plot in (("roc.png", metrics.plot_roc), ("hist.png", metrics.plot_hist)):
-        buf = io.BytesIO()
-        plot(ok, buf)
-        with fsspec.open(store.join(out, name), "wb") as f:
-            f.write(buf.getvalue())
+    metrics.plot_roc(ok, store.join(out, "roc.png"))
+    metrics.plot_hist(ok, store.join(out, "hist.png"))
     return report["overall"]
 
 
 def main(cfg: CftConfig) -> str:
     """Stage entry: score the data stage's items into `stage_dir(cfg, "score")`, resuming by row."""
-    from cft_ray.data import load_items
-
-    upstream = stage_dir(cfg, "data")
-    if not store.is_done(upstream):
-        raise ConfigError(f"score: the data stage is not finished ({upstream}); run `cft-ray data prepare` "
-                          "with the same config first")
-    out = stage_dir(cfg, "score")
-    if store.is_done(out):
-        log.info("score: %s is finished, skipping", out)
+    upstream = layout.upstream(cfg, "data", by="score")
+    out = layout.stage_dir(cfg, "score")
+    if layout.finished(out, "score"):
         return out
     started = time.time()
     parts = store.join(out, "parts")
-    items = load_items(upstream)
+    items = layout.load_items(upstream)
     rows_in = items.count()
     todo, n_done = store.pending(items, parts)
     earlier = {f.rsplit("/", 1)[-1] for f in store.part_files(parts)}
@@ -342,13 +250,12 @@ def main(cfg: CftConfig) -> str:
     throughput = {"rows_scored": int(len(new)), "tokens": tokens, "rows_per_s": round(len(new) / score_s, 3),
                   "tokens_per_s": round(tokens / score_s, 1),
                   "padding_waste": round(1 - tokens / padded, 4) if padded else None}
-    manifest = store.stage_manifest("score", out.rsplit("-", 1)[-1], started, counts, [
+    manifest = store.stage_manifest("score", layout.dir_hash(out), started, counts, [
         ("model", cfg.student.model_dump(mode="json")), ("prompt", cfg.prompt.model_dump(mode="json")),
         ("score", cfg.score.model_dump(mode="json")), ("upstream", upstream),
         ("durations_s", {"score": round(score_s, 3), "total": round(time.time() - started, 3)}),
         ("throughput", throughput), ("accuracy", overall["accuracy"]), ("roc_auc", overall["auc"]),
-        ("error_reasons", {k: int(v) for k, v in df["error"].dropna().astype(str).str.replace(r"\d+", "N", regex=True)
-                          .str[:80].value_counts().items()})])
+        ("error_reasons", store.reason_counts(df["error"].dropna().astype(str)))])
     store.finish(out, manifest)
     log.info("score: %d rows (%d errors), %.1f rows/s, %.0f tokens/s, AUC %s", rows_in, errors,
              throughput["rows_per_s"], throughput["tokens_per_s"], overall["auc"])

@@ -19,7 +19,6 @@ reason, dnll, dh, the four scores), `select.png`, `manifest.json`.
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 import time
 
@@ -27,18 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cft_ray import metrics, prompts, store
-from cft_ray.config import CftConfig, ConfigError, config_hash, stage_dir
+from cft_ray import layout, metrics, models, prompts, store
+from cft_ray.arms import arm_cfg, rewrite_treatment
+from cft_ray.batching import MicroBatcher, left_pad
+from cft_ray.config import CftConfig, ConfigError
+from cft_ray.layout import IGNORE, RESPONSE_SCHEMA
+from cft_ray.split import seeded_subset
+from cft_ray.train import tokenize_examples, train_from_rows
 
 log = logging.getLogger("cft_ray")
 
-RESPONSE_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()),
-    pa.field("resp_tokens", pa.int32()),  # scored response tokens (the assistant turn, end-of-turn included)
-    pa.field("nll", pa.float32()),        # mean -log p(y_t | x, y_<t) over them, nats
-    pa.field("entropy", pa.float32()),    # mean full-vocabulary entropy over them, nats
-    pa.field("error", pa.string()),       # why the row has no score; null when scored
-])
 PROMPT_COLUMNS = ["item_id", "question", "options", "answer", "subject", "text", "instruction", "response"]
 
 
@@ -49,8 +46,6 @@ class ResponseScorer:
     def __init__(self, cfg: CftConfig, model_dir: str, kind: str):
         import torch
 
-        from cft_ray import models
-
         mcfg = cfg.student.model_copy(update={"name": model_dir})
         self.device = models.device_of(mcfg)
         if self.device == "cpu":
@@ -58,13 +53,13 @@ class ResponseScorer:
         self.tok, self.model = models.load(mcfg, self.device)
         self.kind, self.scheme = kind, cfg.prompt.labels
         s = cfg.select
-        self.budget, self.logit_tokens, self.max_tokens = s.token_budget, s.logit_tokens, s.max_tokens
+        self.max_tokens = s.max_tokens
+        # the full-vocabulary logits of every response position in a micro-batch exist at once
+        self.batcher = MicroBatcher(s.token_budget, device=self.device,
+                                    fits=lambda chunk: len(chunk) * max(n for *_, n in chunk) <= s.logit_tokens)
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def __call__(self, t: pa.Table) -> pa.Table:
-        from cft_ray.score import trim_heap
-        from cft_ray.train import IGNORE, tokenize_examples
-
         rows = t.to_pylist()
         res = [{"item_id": r["item_id"], "resp_tokens": None, "nll": None, "entropy": None, "error": None} for r in rows]
         pairs, todo = [], []
@@ -83,41 +78,20 @@ class ResponseScorer:
             ids, labels, _ = got
             # the response is a tail of the example (assistant turn; truncation keeps the end)
             enc.append((i, ids, sum(x != IGNORE for x in labels[1:])))
-        enc.sort(key=lambda e: -len(e[1]))
-        pos = 0
-        while pos < len(enc):
-            end, longest = pos, 0
-            while end < len(enc) and (end - pos + 1) * len(enc[pos][1]) <= max(self.budget, len(enc[pos][1])):
-                longest_next = max(longest, enc[end][2])
-                if end > pos and (end - pos + 1) * longest_next > self.logit_tokens:
-                    break
-                longest, end = longest_next, end + 1
-            chunk = enc[pos:end]
-            for part in ([chunk] if len(chunk) == 1 else [chunk, *[[c] for c in chunk]]):
-                try:  # a failing micro-batch is retried row by row; a failing row becomes an error row
-                    self._score(part, res)
-                    break
-                except Exception as e:  # noqa: BLE001
-                    if len(part) == 1:
-                        res[part[0][0]]["error"] = f"scoring failed: {type(e).__name__}: {e}"[:500]
-            pos = end
-        trim_heap()
+        for (i, *_), reason in self.batcher.run(enc, lambda chunk: self._score(chunk, res)):
+            res[i]["error"] = reason
         return pa.Table.from_pylist(res, schema=RESPONSE_SCHEMA)
 
     def _score(self, chunk: list[tuple[int, list[int], int]], res: list[dict]) -> None:
         import torch
 
         width, longest = len(chunk[0][1]), max(n for _, _, n in chunk)
-        ids = torch.full((len(chunk), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, (_, t, _) in enumerate(chunk):  # left padding: every response ends at the last position
-            ids[j, width - len(t):] = torch.tensor(t)
-            mask[j, width - len(t):] = 1
+        ids, mask, position_ids = left_pad([t for _, t, _ in chunk], self.tok.pad_token_id)  # responses end last
         dev = self.model.device
         kw = {"logits_to_keep": longest + 1} if self.keep_arg else {}
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False, **kw).logits
+                                position_ids=position_ids.to(dev), use_cache=False, **kw).logits
             logits = logits[:, -(longest + 1):-1]  # position p predicts token p + 1
             target = ids[:, width - longest:].to(dev)
             scored = (torch.arange(longest)[None, :] >= torch.tensor([longest - n for _, _, n in chunk])[:, None]).to(dev)
@@ -179,30 +153,14 @@ def _pass(ds, cfg: CftConfig, model_dir: str, kind: str, parts: str, n: int) -> 
 
 def _training_rows(ds, chosen: set[str], kind: str):
     """`treatment` = the response kind for chosen rows and validation rows, drop elsewhere."""
-    import ray
-
-    ref = ray.put(chosen)
-
-    def rewrite(t: pa.Table) -> pa.Table:
-        keep = ray.get(ref)
-        split = t["split"].to_pylist() if "split" in t.column_names else [None] * t.num_rows
-        tr = [kind if (i in keep or s == "valid") else "drop" for i, s in zip(t["item_id"].to_pylist(), split)]
-        col = pa.array(tr, pa.string())
-        names = t.column_names
-        return t.set_column(names.index("treatment"), "treatment", col) if "treatment" in names else t.append_column("treatment", col)
-
-    return ds.map_batches(rewrite, batch_format="pyarrow")
+    return rewrite_treatment(ds, lambda ids, _, split, keep: [kind if (i in keep or s == "valid") else "drop"
+                                                              for i, s in zip(ids, split)], chosen)
 
 
 def select_instructdiff(ds, cfg: CftConfig, out: str, valid=None, cot=None) -> tuple[pa.Table, dict, dict]:
     """Pool Dataset (+ validation rows for the warm-up's valid loss, + teacher CoT rows when
     select.response=cot) -> (selection table of the last round, its cuts, timings); every round's
     table is also written under `out`. Resumable."""
-    from cft_ray import models
-    from cft_ray.evaluate import arm_cfg
-    from cft_ray.split import seeded_subset
-    from cft_ray.train import fit
-
     s = cfg.select
     names = ds.schema().names
     kind = "instruction" if "instruction" in names else s.response
@@ -227,7 +185,7 @@ def select_instructdiff(ds, cfg: CftConfig, out: str, valid=None, cot=None) -> t
     for r in range(1, s.iterations + 1):
         rdir = store.join(out, f"round-{r}")
         t0 = time.time()
-        fit(_training_rows(train_rows, chosen, kind), cot if kind == "cot" else None, wcfg,
+        train_from_rows(_training_rows(train_rows, chosen, kind), cot if kind == "cot" else None, wcfg,
             store.join(rdir, "train"), stage=f"select:round-{r}")
         t1 = time.time()
         cal = _pass(scored_ds, cfg, store.join(rdir, "train", "model"), kind, store.join(rdir, "scores"), n)
@@ -260,7 +218,7 @@ def _table(base: pa.Table, cal: pa.Table, s) -> tuple[pa.Table, dict]:
     return t, cuts
 
 
-def plot(table: pa.Table, cuts: dict, out) -> None:
+def plot(table: pa.Table, cuts: dict, out: str) -> None:
     """dNLL histogram with the tail cuts; dNLL x dH scatter coloured by what happened to each item."""
     import matplotlib
 
@@ -283,38 +241,27 @@ def plot(table: pa.Table, cuts: dict, out) -> None:
     b.set(title="kept: lowest dH = H_base - H_cal inside the cuts", xlabel="dNLL", ylabel="dH (nats/token)")
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    store.write_png(fig, out)
 
 
 def main(cfg: CftConfig) -> str:
     """Stage entry: InstructDiff over the split's train rows into `stage_dir(cfg, "select")`."""
-    import fsspec
-
-    from cft_ray.split import load_split
-
-    out, sdir = stage_dir(cfg, "select"), stage_dir(cfg, "split")
-    if store.is_done(out):
-        log.info("select: %s is finished, skipping", out)
+    out = layout.stage_dir(cfg, "select")
+    if layout.finished(out, "select"):
         return out
-    if not store.is_done(sdir):
-        raise ConfigError(f"select: the split stage is not finished ({sdir}); run `cft-ray split` first")
+    sdir = layout.upstream(cfg, "split", by="select")
     cot = None
     if cfg.select.response == "cot":
-        from cft_ray.teach import finished, load_cot
-
-        if not finished(cfg):
-            raise ConfigError(f"select.response=cot: the teach stage is not finished ({stage_dir(cfg, 'teach')})")
-        cot = load_cot(stage_dir(cfg, "teach"))
+        teach_dir = layout.stage_dir(cfg, "teach")
+        if "all" not in layout.taught_coverage(teach_dir):  # InstructDiff scores the whole pool's CoT
+            raise ConfigError(f"select.response=cot: the teach stage is not finished ({teach_dir})")
+        cot = layout.load_cot(teach_dir)
     started = time.time()
-    table, cuts, timings = select_instructdiff(load_split(sdir, "train"), cfg, out, valid=load_split(sdir, "valid"), cot=cot)
+    table, cuts, timings = select_instructdiff(layout.load_split(sdir, "train"), cfg, out, valid=layout.load_split(sdir, "valid"), cot=cot)
     sel = store.join(out, "selection")
     store.reset(sel)
     store.write_table(table, store.join(sel, "part-0.parquet"))
-    buf = io.BytesIO()
-    plot(table, cuts, buf)
-    with fsspec.open(store.join(out, "select.png"), "wb") as f:
-        f.write(buf.getvalue())
+    plot(table, cuts, store.join(out, "select.png"))
     reasons = pc.value_counts(table["reason"]).to_pylist()
     counts = {"rows_in": table.num_rows, **{r["values"]: r["counts"] for r in reasons}}
     counts["rows_out"] = counts.get("selected", 0)
@@ -325,19 +272,10 @@ def main(cfg: CftConfig) -> str:
                for c in ("dnll", "dh", "nll_base", "nll_cal", "h_base", "h_cal")} if len(ok) else {}
     chosen = df[df["selected"]]
     summary["selected_mean"] = {c: round(float(chosen[c].mean()), 4) for c in ("dnll", "dh", "resp_tokens")} if len(chosen) else {}
-    store.finish(out, store.stage_manifest("select", config_hash(cfg.select, cfg.train), started, counts, [
+    store.finish(out, store.stage_manifest("select", layout.dir_hash(out), started, counts, [
         ("method", "instructdiff"), ("params", cfg.select.model_dump(mode="json", exclude={"pool"})),
         ("cuts", cuts), ("summary", summary), ("timings", timings),
         ("response_tokens_selected", int(chosen["resp_tokens"].sum())),
         ("response_tokens_pool", int(df["resp_tokens"].fillna(0).sum()))]))
     log.info("select: %d of %d items selected -> %s", counts["rows_out"], table.num_rows, sel)
     return out
-
-
-def selected_ids(cfg: CftConfig) -> set[str]:
-    """The finished select stage's chosen item ids."""
-    out = stage_dir(cfg, "select")
-    if not store.is_done(out):
-        raise ConfigError(f"arms: the select stage is not finished ({out}); run `cft-ray select` first")
-    t = store.columns(store.join(out, "selection"), ["item_id", "selected"])
-    return set(pc.filter(t["item_id"], t["selected"]).to_pylist())

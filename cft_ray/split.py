@@ -29,15 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cft_ray import store
-from cft_ray.config import CftConfig, ConfigError, SplitConfig, stage_dir
+from cft_ray import layout, store
+from cft_ray.config import CftConfig, ConfigError, SplitConfig
+from cft_ray.layout import LABEL_FIELDS
+from cft_ray.layout import SPLIT_OUTPUTS as OUTPUTS
 
 log = logging.getLogger("cft_ray")
 
 CONFIDENCE_METRICS = ("max_prob", "margin")
-OUTPUTS = ("train", "valid", "test", "test_balanced", "excluded")
-LABEL_FIELDS = [pa.field("norm", pa.float64()), pa.field("bucket", pa.string()), pa.field("bucket_idx", pa.int32()),
-                pa.field("split", pa.string()), pa.field("treatment", pa.string())]
 _NEEDED = ("item_id", "valid", "unknown", "error")
 _BINS = 50
 
@@ -109,13 +108,13 @@ def order_stats(batches: Iterable[np.ndarray], positions: np.ndarray) -> np.ndar
     return out
 
 
-def normalise(d: np.ndarray, plan: dict) -> np.ndarray:
+def normalise(d: np.ndarray, cuts_fit: dict) -> np.ndarray:
     """Difficulty -> norm: d / (pool max), or the pool rank in [0, 1] (fraction of the pool below d),
     interpolated between exact order statistics. NaN stays NaN."""
     d = np.asarray(d, dtype=np.float64)
-    if plan["normalize"] == "max":
-        return d / plan["scale"]
-    g, r = np.asarray(plan["grid"]), np.asarray(plan["grid_ranks"])
+    if cuts_fit["normalize"] == "max":
+        return d / cuts_fit["scale"]
+    g, r = np.asarray(cuts_fit["grid"]), np.asarray(cuts_fit["grid_ranks"])
     lo = np.searchsorted(g, d, side="left")  # first grid value >= d
     hi, prev = np.minimum(lo, len(g) - 1), np.maximum(lo - 1, 0)
     span = g[hi] - g[prev]
@@ -125,8 +124,8 @@ def normalise(d: np.ndarray, plan: dict) -> np.ndarray:
     return np.where(np.isnan(d), np.nan, out)
 
 
-def fit(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """The plan (normaliser + cut points on the normalised metric) from pool statistics;
+def fit_cuts(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """The fit (normaliser + cut points on the normalised metric) from pool statistics;
     `sorted_at(positions)` gives the pool's sorted difficulty at 0-based positions (called once)."""
     if n < 1:
         raise ValueError("split: no rows to bucket (every row is excluded or held out)")
@@ -134,7 +133,7 @@ def fit(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[
         raise ValueError(f"split: normalize=max needs a non-negative difficulty; {cfg.metric} reaches {dmin} "
                          "(use normalize=rank, or direction=confidence only for metrics in [0, 1])")
     names = cfg.buckets()
-    plan = {"normalize": cfg.normalize, "scale": dmax if dmax > 0 else 1.0, "n_pool": n, "min": dmin, "max": dmax,
+    cuts_fit = {"normalize": cfg.normalize, "scale": dmax if dmax > 0 else 1.0, "n_pool": n, "min": dmin, "max": dmax,
             "buckets": names, "routing": cfg.treatments(), "valid_fraction": cfg.valid_fraction,
             "cap_u": [math.inf] * len(names), "balanced_u": [math.inf] * len(names)}
     qs = {"quantiles": cfg.quantiles, "chunks": [i / cfg.chunks for i in range(1, cfg.chunks)], "thresholds": []}[cfg.method]
@@ -146,36 +145,36 @@ def fit(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Callable[
     wanted = np.concatenate([cut_pos, grid_pos])
     vals = sorted_at(wanted) if len(wanted) else np.zeros(0)
     if cfg.normalize == "rank":
-        plan["grid"], plan["grid_ranks"] = vals[len(cut_pos):].tolist(), (grid_pos / max(n - 1, 1)).tolist()
-        plan["rank_error"] = float(np.diff(grid_pos).max(initial=1) - 1) / max(n - 1, 1)
-    plan["quantiles"] = list(qs) if qs else None
+        cuts_fit["grid"], cuts_fit["grid_ranks"] = vals[len(cut_pos):].tolist(), (grid_pos / max(n - 1, 1)).tolist()
+        cuts_fit["rank_error"] = float(np.diff(grid_pos).max(initial=1) - 1) / max(n - 1, 1)
+    cuts_fit["quantiles"] = list(qs) if qs else None
     if qs:
-        plan["cuts_d"] = vals[:len(cut_pos)].tolist()
-        plan["cuts"] = normalise(vals[:len(cut_pos)], plan).tolist()
+        cuts_fit["cuts_d"] = vals[:len(cut_pos)].tolist()
+        cuts_fit["cuts"] = normalise(vals[:len(cut_pos)], cuts_fit).tolist()
     else:  # fixed thresholds are on the normalised scale; their difficulty values are for reading
-        plan["cuts"] = list(cfg.thresholds)
-        plan["cuts_d"] = (np.asarray(cfg.thresholds) * plan["scale"] if cfg.normalize == "max"
-                          else np.interp(cfg.thresholds, plan["grid_ranks"], plan["grid"])).tolist()
-    plan["cuts_metric"] = [1.0 - c for c in plan["cuts_d"]] if is_confidence(cfg) else plan["cuts_d"]
-    return plan
+        cuts_fit["cuts"] = list(cfg.thresholds)
+        cuts_fit["cuts_d"] = (np.asarray(cfg.thresholds) * cuts_fit["scale"] if cfg.normalize == "max"
+                          else np.interp(cfg.thresholds, cuts_fit["grid_ranks"], cuts_fit["grid"])).tolist()
+    cuts_fit["cuts_metric"] = [1.0 - c for c in cuts_fit["cuts_d"]] if is_confidence(cfg) else cuts_fit["cuts_d"]
+    return cuts_fit
 
 
-def label(t: pa.Table, plan: dict) -> pa.Table:
+def label(t: pa.Table, cuts_fit: dict) -> pa.Table:
     """Per batch: norm, bucket, treatment, split (train/valid/test), over-cap rows -> excluded, and
     `_balanced` (in the balanced test set)."""
     d, role = t["_d"].to_numpy(), t["_role"].to_numpy(zero_copy_only=False)
     u_keep, u_valid = t["_u_keep"].to_numpy(), t["_u_valid"].to_numpy()
     unassigned = role == "excluded"
-    norm = normalise(d, plan)
+    norm = normalise(d, cuts_fit)
     # Quantile cuts decide on the difficulty itself (a division could merge nearby values and move
     # a row across an order statistic); fixed thresholds are defined on the normalised scale.
-    b = (np.searchsorted(np.asarray(plan["cuts_d"]), np.nan_to_num(d), side="right") if plan["quantiles"]
-         else np.searchsorted(np.asarray(plan["cuts"]), np.nan_to_num(norm), side="right"))
-    names = np.array(plan["buckets"], dtype=object)
-    treat = np.array([plan["routing"][x] for x in plan["buckets"]], dtype=object)
+    b = (np.searchsorted(np.asarray(cuts_fit["cuts_d"]), np.nan_to_num(d), side="right") if cuts_fit["quantiles"]
+         else np.searchsorted(np.asarray(cuts_fit["cuts"]), np.nan_to_num(norm), side="right"))
+    names = np.array(cuts_fit["buckets"], dtype=object)
+    treat = np.array([cuts_fit["routing"][x] for x in cuts_fit["buckets"]], dtype=object)
     pool, test = role == "pool", role == "test"
-    over = pool & (u_keep > np.asarray(plan["cap_u"])[b])
-    split = np.where(test, "test", np.where(pool & ~over, np.where(u_valid < plan["valid_fraction"], "valid", "train"), None))
+    over = pool & (u_keep > np.asarray(cuts_fit["cap_u"])[b])
+    split = np.where(test, "test", np.where(pool & ~over, np.where(u_valid < cuts_fit["valid_fraction"], "valid", "train"), None))
     reason = t["reason"].to_numpy(zero_copy_only=False).copy()
     reason[over] = "over cap_per_bucket"
     cols = {"norm": pa.array(norm, mask=unassigned),
@@ -184,7 +183,7 @@ def label(t: pa.Table, plan: dict) -> pa.Table:
             "split": pa.array(split, pa.string()),
             "treatment": pa.array(np.where(unassigned, None, treat[b]), pa.string()),
             "reason": pa.array(reason, pa.string()),
-            "_balanced": pa.array(test & (u_keep <= np.asarray(plan["balanced_u"])[b]))}
+            "_balanced": pa.array(test & (u_keep <= np.asarray(cuts_fit["balanced_u"])[b]))}
     for name, arr in cols.items():
         i = t.schema.get_field_index(name)
         t = t.set_column(i, name, arr) if i >= 0 else t.append_column(name, arr)
@@ -250,7 +249,7 @@ def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str
 
 
 def split(scored, cfg: SplitConfig) -> tuple:
-    """Scored Dataset -> (labelled lazy Dataset, plan). Fitting runs three narrow Ray Data passes over
+    """Scored Dataset -> (labelled lazy Dataset, cuts_fit). Fitting runs three narrow Ray Data passes over
     the columns it needs: the pool's sorted difficulty (a global sort; a Max/Min aggregate instead when
     fixed thresholds need no order statistics), counts per bucket with the histogram, and the
     cap / balanced-test draws. The labelled Dataset re-reads every column and labels rows lazily;
@@ -279,25 +278,25 @@ def split(scored, cfg: SplitConfig) -> tuple:
             return order_stats((b["_d"] for b in sorted_d.iter_batches(batch_format="numpy", batch_size=None)), pos)
 
         dmin, dmax = sorted_at(np.array([0, n - 1])) if n else (None, None)
-    plan = fit(cfg, n, dmin, dmax, sorted_at)
-    labelled = narrow.map_batches(label, batch_format="pyarrow", fn_kwargs={"plan": plan})
-    plan["counts"] = _tally(labelled, ["_role", "bucket_idx", "_bin"])
+    cuts_fit = fit_cuts(cfg, n, dmin, dmax, sorted_at)
+    labelled = narrow.map_batches(label, batch_format="pyarrow", fn_kwargs={"cuts_fit": cuts_fit})
+    cuts_fit["counts"] = _tally(labelled, ["_role", "bucket_idx", "_bin"])
     by: dict[tuple[str, int], int] = {}
-    for (role, b, _), c in plan["counts"].items():
+    for (role, b, _), c in cuts_fit["counts"].items():
         by[(role, b)] = by.get((role, b), 0) + c
-    nb = len(plan["buckets"])
+    nb = len(cuts_fit["buckets"])
     want = {}
     if cfg.cap_per_bucket is not None:
         want.update({("pool", b): (min(cfg.cap_per_bucket, by.get(("pool", b), 0)), by.get(("pool", b), 0)) for b in range(nb)})
     m = min(by.get(("test", b), 0) for b in range(nb))
     want.update({("test", b): (m, by.get(("test", b), 0)) for b in range(nb)})
     cut = _cutoffs(labelled, want)
-    plan["cap_u"] = [cut.get(("pool", b), math.inf) for b in range(nb)]
-    plan["balanced_u"] = [cut.get(("test", b), math.inf) for b in range(nb)]
-    plan["balanced_per_bucket"] = m
+    cuts_fit["cap_u"] = [cut.get(("pool", b), math.inf) for b in range(nb)]
+    cuts_fit["balanced_u"] = [cut.get(("test", b), math.inf) for b in range(nb)]
+    cuts_fit["balanced_per_bucket"] = m
     final = scored.map_batches(prepare, batch_format="pyarrow", fn_kwargs={"cfg": cfg}) \
-        .map_batches(label, batch_format="pyarrow", fn_kwargs={"plan": plan})
-    return final, plan
+        .map_batches(label, batch_format="pyarrow", fn_kwargs={"cuts_fit": cuts_fit})
+    return final, cuts_fit
 
 
 def _route(t: pa.Table, out: str, columns: list[str]) -> pa.Table:
@@ -337,20 +336,11 @@ def write_outputs(final, columns: list[str], out: str) -> dict[str, int]:
             counts[o] += sum(t[o].to_pylist())
     for o in OUTPUTS:
         if counts[o] == 0:
-            if schema is None:  # any main output has a file: a plan always leaves pool rows in train or valid
+            if schema is None:  # any main output has a file: a fit always leaves pool rows in train or valid
                 schema = pq.read_schema(next(store.part_files(store.join(out, x))[0] for x in OUTPUTS[:3] if counts[x]))
             with fs.open_output_stream(f"{root}/{o}/empty.parquet") as f:
                 pq.write_table((schema.append(pa.field("reason", pa.string())) if o == "excluded" else schema).empty_table(), f)
     return counts
-
-
-def load_split(split_dir: str, name: str):
-    """One output of a finished split stage (train, valid, test, test_balanced, excluded) as a Ray Dataset."""
-    import ray
-
-    if name not in OUTPUTS:
-        raise ValueError(f"split output {name!r}: expected one of {OUTPUTS}")
-    return ray.data.read_parquet(store.join(split_dir, name))
 
 
 def _file_tally(path: str, keys: list[str]) -> dict[tuple, int]:
@@ -360,10 +350,7 @@ def _file_tally(path: str, keys: list[str]) -> dict[tuple, int]:
     return _merge((_counts(pa.Table.from_batches([b]), keys) for b in pds.dataset(path, format="parquet").to_batches(columns=keys)), keys)
 
 
-def _plot(path: str, plan: dict, title: str) -> None:
-    import io
-
-    import fsspec
+def _plot(path: str, cuts_fit: dict, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,36 +359,32 @@ def _plot(path: str, plan: dict, title: str) -> None:
     edges = np.linspace(0, 1, _BINS + 1)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bottom = np.zeros(_BINS)
-    for b, name in enumerate(plan["buckets"]):
+    for b, name in enumerate(cuts_fit["buckets"]):
         h = np.zeros(_BINS)
-        for (role, bi, k), c in plan["counts"].items():
+        for (role, bi, k), c in cuts_fit["counts"].items():
             if role == "pool" and bi == b:
                 h[k] += c
         ax.bar(edges[:-1], h, width=1 / _BINS, bottom=bottom, align="edge", label=f"pool: {name}", alpha=0.8)
         bottom += h
     test = np.zeros(_BINS)
-    for (role, _, k), c in plan["counts"].items():
+    for (role, _, k), c in cuts_fit["counts"].items():
         if role == "test":
             test[k] += c
     ax.step(edges[:-1], test, where="post", color="black", label="test (held out)")
-    for c, q in zip(plan["cuts"], plan["quantiles"] or [None] * len(plan["cuts"])):
+    for c, q in zip(cuts_fit["cuts"], cuts_fit["quantiles"] or [None] * len(cuts_fit["cuts"])):
         ax.axvline(c, color="red", ls="--")
         ax.annotate(f"{c:.3f}" + (f" (q={q:g})" if q is not None else ""), (c, ax.get_ylim()[1] * 0.95),
                     rotation=90, va="top", ha="right", fontsize=8, color="red")
-    ax.set_xlabel(f"normalised difficulty ({plan['normalize']}); values > 1 in the last bin")
+    ax.set_xlabel(f"normalised difficulty ({cuts_fit['normalize']}); values > 1 in the last bin")
     ax.set_ylabel("rows")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    with fsspec.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    store.write_png(fig, path)
 
 
-def _summary(cfg: SplitConfig, plan: dict, files: dict[str, dict[tuple, int]], rows_in: int) -> dict:
+def _summary(cfg: SplitConfig, cuts_fit: dict, files: dict[str, dict[tuple, int]], rows_in: int) -> dict:
     """split.json: everything a reader needs to judge the split."""
-    names = plan["buckets"]
+    names = cuts_fit["buckets"]
     sizes = {s: {b: sum(c for (bk, *_), c in files[s].items() if bk == b) for b in names} for s in OUTPUTS if s != "excluded"}
     per_cat: dict = {}
     for s in ("train", "valid", "test", "test_balanced"):
@@ -411,40 +394,40 @@ def _summary(cfg: SplitConfig, plan: dict, files: dict[str, dict[tuple, int]], r
     excluded: dict = {}
     for (_, _, why), c in files["excluded"].items():
         excluded[why] = excluded.get(why, 0) + c
-    pool = [sum(c for (r, b, _), c in plan["counts"].items() if r == "pool" and b == i) for i in range(len(names))]
-    n_test = sum(c for (r, *_), c in plan["counts"].items() if r == "test")
-    qs = plan["quantiles"]
+    pool = [sum(c for (r, b, _), c in cuts_fit["counts"].items() if r == "pool" and b == i) for i in range(len(names))]
+    n_test = sum(c for (r, *_), c in cuts_fit["counts"].items() if r == "test")
+    qs = cuts_fit["quantiles"]
     totals = {s: sum(sizes[s].values()) for s in sizes} | {"excluded": sum(excluded.values())}
     return {
         "metric": cfg.metric,
         "difficulty": f"1 - {cfg.metric}" if is_confidence(cfg) else cfg.metric,
         "normalize": cfg.normalize,
-        "normaliser": ({"max_difficulty": plan["max"], "rule": "norm = difficulty / max over the pool"}
+        "normaliser": ({"max_difficulty": cuts_fit["max"], "rule": "norm = difficulty / max over the pool"}
                        if cfg.normalize == "max" else
                        {"rule": "norm = fraction of the pool below the row's difficulty, interpolated between "
-                                f"{len(plan['grid'])} exact order statistics", "max_rank_error": plan["rank_error"]}),
+                                f"{len(cuts_fit['grid'])} exact order statistics", "max_rank_error": cuts_fit["rank_error"]}),
         "method": cfg.method,
         "quantiles": qs,
-        "thresholds": plan["cuts"],
-        "thresholds_metric": plan["cuts_metric"],
+        "thresholds": cuts_fit["cuts"],
+        "thresholds_metric": cuts_fit["cuts_metric"],
         "buckets": names,
         "bucket_rule": "bucket i: thresholds[i-1] <= norm < thresholds[i] (both bounds; first and last open-ended)",
-        "fitted_on": f"the pool: {plan['n_pool']} scored, valid, known-answer rows outside the test hold-out",
+        "fitted_on": f"the pool: {cuts_fit['n_pool']} scored, valid, known-answer rows outside the test hold-out",
         "applied_to_test": "the same normaliser and thresholds label the test rows (test norm may exceed 1 under normalize=max)",
         "quantile_error": ("none: thresholds are exact order statistics of the pool (global Ray Data sort); pool bucket "
                            "sizes are exact except for rows tied at a threshold" if qs else
                            "n/a: fixed thresholds"),
         "pool_buckets": {"sizes": dict(zip(names, pool)),
-                         "expected_fraction": (np.diff([0, *np.floor(np.array(qs) * plan["n_pool"] + 1e-9), plan["n_pool"]])
-                                               / plan["n_pool"]).round(6).tolist() if qs else None,
-                         "realized_fraction": [round(p / plan["n_pool"], 6) for p in pool]},
+                         "expected_fraction": (np.diff([0, *np.floor(np.array(qs) * cuts_fit["n_pool"] + 1e-9), cuts_fit["n_pool"]])
+                                               / cuts_fit["n_pool"]).round(6).tolist() if qs else None,
+                         "realized_fraction": [round(p / cuts_fit["n_pool"], 6) for p in pool]},
         "test": {"fraction": cfg.test_fraction, "rows": n_test, "seed": cfg.seed,
                  "rule": "held out first: keyed BLAKE2b(seed, item_id) < fraction, of the bucketable rows"},
-        "test_balanced": {"per_bucket": plan["balanced_per_bucket"],
+        "test_balanced": {"per_bucket": cuts_fit["balanced_per_bucket"],
                           "rule": "each test bucket down-sampled to the smallest (lowest keyed hash first)"},
         "valid": {"fraction": cfg.valid_fraction, "rule": "after the cap: keyed BLAKE2b draw < fraction (seeded, per row)"},
         "cap_per_bucket": cfg.cap_per_bucket,
-        "routing": plan["routing"],
+        "routing": cuts_fit["routing"],
         "sizes": sizes,
         "per_category": per_cat,
         "excluded": excluded,
@@ -456,32 +439,27 @@ def _summary(cfg: SplitConfig, plan: dict, files: dict[str, dict[tuple, int]], r
 
 def main(cfg: CftConfig) -> str:
     """Stage entry: split the score stage's rows into `stage_dir(cfg, "split")` (skipped when finished)."""
-    from cft_ray.score import load_scores
-
-    upstream = stage_dir(cfg, "score")
-    if not store.is_done(upstream):
-        raise ConfigError(f"split: the score stage is not finished ({upstream}); run `cft-ray score` with the same config first")
-    out = stage_dir(cfg, "split")
-    if store.is_done(out):
-        log.info("split: %s is finished, skipping", out)
+    upstream = layout.upstream(cfg, "score", by="split")
+    out = layout.stage_dir(cfg, "split")
+    if layout.finished(out, "split"):
         return out
     started = time.time()
     store.reset(out)  # a half-written split is cheaper to redo than to trust
-    scored = load_scores(upstream, include_invalid=True)
-    final, plan = split(scored, cfg.split)
+    scored = layout.load_scores(upstream, include_invalid=True)
+    final, cuts_fit = split(scored, cfg.split)
     written = write_outputs(final, [*scored.schema().names, *(f.name for f in LABEL_FIELDS)], out)
     keys = {s: ["bucket", "category"] for s in OUTPUTS} | {"excluded": ["bucket", "category", "reason"]}
     files = {s: _file_tally(store.join(out, s), keys[s]) for s in OUTPUTS}
-    rows_in = sum(plan["counts"].values())
-    summary = _summary(cfg.split, plan, files, rows_in)
+    rows_in = sum(cuts_fit["counts"].values())
+    summary = _summary(cfg.split, cuts_fit, files, rows_in)
     if not summary["counts"]["reconciles"] or any(written[o] != summary["counts"][o] for o in OUTPUTS):
         raise RuntimeError(f"split: counts do not reconcile: {summary['counts']}, written {written}")
     store.write_json(store.join(out, "split.json"), summary)
-    _plot(store.join(out, "distribution.png"), plan,
-          f"{summary['difficulty']} ({cfg.split.method}), pool n={plan['n_pool']}, test n={summary['test']['rows']}")
+    _plot(store.join(out, "distribution.png"), cuts_fit,
+          f"{summary['difficulty']} ({cfg.split.method}), pool n={cuts_fit['n_pool']}, test n={summary['test']['rows']}")
     c = summary["counts"]
     counts = {"rows_in": rows_in, "rows_out": c["train"] + c["valid"] + c["test"], **{k: c[k] for k in OUTPUTS}}
-    store.finish(out, store.stage_manifest("split", out.rsplit("-", 1)[-1], started, counts,
+    store.finish(out, store.stage_manifest("split", layout.dir_hash(out), started, counts,
                                            [("thresholds", summary["thresholds"]), ("sizes", summary["sizes"]),
                                             ("routing", summary["routing"]), ("excluded", summary["excluded"])]))
     log.info("split: thresholds %s (%s), sizes %s, excluded %s", [round(x, 4) for x in summary["thresholds"]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from typing import Iterable
 
@@ -172,6 +173,17 @@ def counts_by(parts_dir: str, column: str) -> dict:
         col = pq.read_table(f if "://" not in f else f.split("://", 1)[1], columns=[column], filesystem=fs)[column]
         for v, n in zip(*pc.value_counts(col).flatten()):
             out[v.as_py()] = out.get(v.as_py(), 0) + n.as_py()
+    return out
+
+
+def reason_counts(reasons: Iterable[str | None]) -> dict[str, int]:
+    """Error rows tallied by kind: the reason up to its first ':' or '(', numbers written N (so
+    "prompt has 2100 tokens > ..." and "... 2300 tokens ..." count as one kind)."""
+    out: dict[str, int] = {}
+    for r in reasons:
+        if r is not None:
+            k = re.sub(r"\d+", "N", re.split(r"[:(]", str(r), maxsplit=1)[0].strip())[:80]
+            out[k] = out.get(k, 0) + 1
     return out
 
 

@@ -17,28 +17,17 @@ import os
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from cft_ray import models, prompts, store
-from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig, config_hash
+from cft_ray import layout, models, prompts, store
+from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig
+from cft_ray.layout import EXAMPLE_SCHEMA, IGNORE
+from cft_ray.train_loop import train_loop
 
 log = logging.getLogger("cft_ray")
 
-EXAMPLE_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string()),
-    pa.field("bucket", pa.string()),
-    pa.field("bucket_idx", pa.int32()),
-    pa.field("split", pa.string()),
-    pa.field("kind", pa.string()),  # direct | cot
-    pa.field("input_ids", pa.list_(pa.int32())),
-    pa.field("labels", pa.list_(pa.int32())),  # -100 = not trained
-    pa.field("n_tokens", pa.int32()),
-    pa.field("n_target", pa.int32()),  # trained labels (after the causal shift: position 0 never counts)
-    pa.field("truncated", pa.bool_()),
-    pa.field("error", pa.string()),  # null for a usable example
-])
 ROUTED_COLUMNS = {"item_id", "question", "options", "answer", "bucket", "treatment"}
 INSTRUCTION_COLUMNS = {"item_id", "instruction", "response", "treatment"}  # general instruction data
-IGNORE = -100
 
 
 def tokenize_examples(tok, examples: list[tuple[list[dict], str]], max_length: int, loss_on: str = "assistant",
@@ -258,8 +247,6 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from cft_ray.train_loop import train_loop
-
     tc = cfg.train
     started = time.time()
     init_dir = init_from or models.resolve(cfg.student)
@@ -296,6 +283,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
         state = json.loads(f.read())
     manifest = _manifest(cfg, plan, state, time.time() - started, init_dir)
+    manifest["config_hash"] = layout.dir_hash(out_dir)
     store.write_json(store.join(out_dir, "train_manifest.json"), manifest)
     log.info("train: %d steps, %.0f tokens/s, MFU %s -> %s", manifest["steps"], manifest["tokens_per_s"],
              manifest["mfu"], store.join(out_dir, "model"))
@@ -319,7 +307,7 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
         phases.append({**{k: v for k, v in p.items() if k not in ("dataset", "valid")},
                        "seen_target_tokens": sum(h["target_tokens"] for h in seen),
                        "valid_loss": state["valid"].get(p["name"])})
-    return {"stage": "train", "config_hash": config_hash(cfg.train), "init_from": init_dir,
+    return {"stage": "train", "init_from": init_dir,
             "method": tc.method, "schedule": tc.schedule, "loss_on": tc.loss_on, "packing": tc.packing,
             "zero_stage": tc.zero_stage, "precision": tc.precision, "num_workers": tc.num_workers,
             "effective_batch": tc.num_workers * tc.micro_batch * tc.grad_accum,
@@ -331,7 +319,7 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
             "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
 
 
-def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None) -> str:
+def train_from_rows(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None) -> str:
     """Routed rows (+ CoT) -> examples/ (tokenised once, so a re-run after a crash goes straight to
     training) -> Ray Train -> `out` finished with its manifest; a finished `out` is returned as is.
     `routed` = rows per treatment when the caller knows them (else one pass over `rows` counts them)."""
@@ -343,7 +331,6 @@ def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict 
         store.reset(ex_dir)
         build_examples(rows, cot, cfg).write_parquet(ex_dir)
         store.write_json(store.join(ex_dir, store.SUCCESS), {"finished_at": time.time()})
-    import pyarrow.compute as pc
     import ray
 
     # counts on the driver from small columns: one Ray Data pass over the routed rows, none over examples
@@ -354,10 +341,7 @@ def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict 
     n_in, n_drop = sum(treat.values()), treat.get("drop", 0)
     small = store.columns(ex_dir, ["error", "truncated"])
     n_rows, n_err = small.num_rows, small.num_rows - small["error"].null_count
-    reasons: dict = {}
-    for r in small["error"].drop_null().to_pylist():
-        k = r.split("(")[0].strip()
-        reasons[k] = reasons.get(k, 0) + 1
+    reasons = store.reason_counts(small["error"].to_pylist())
     n_trunc = int(pc.sum(small["truncated"]).as_py() or 0)
     model_dir = train(ray.data.read_parquet(ex_dir), cfg, out)
     tm = store.read_json(store.join(out, "train_manifest.json"))
@@ -365,18 +349,7 @@ def fit(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict 
               "error_reasons": reasons, "truncated": n_trunc}
     if n_in != n_drop + n_rows:
         raise RuntimeError(f"train example counts do not reconcile: {counts}")
-    store.finish(out, store.stage_manifest(stage, config_hash(cfg.train), started, counts, [
+    store.finish(out, store.stage_manifest(stage, layout.dir_hash(out), started, counts, [
         ("model_dir", model_dir), ("tokens_per_s", tm["tokens_per_s"]), ("mfu", tm["mfu"]), ("steps", tm["steps"]),
         ("data_spent_target_tokens", tm["data_spent_target_tokens"]), ("train_manifest", "train_manifest.json")]))
     return out
-
-
-def main(cfg: CftConfig) -> str:
-    """Stage entry: train every arm of cfg.arms but base (cft_ray.evaluate holds the arm recipes)."""
-    from cft_ray.evaluate import train_arms
-
-    return train_arms(cfg)
-
-
-__all__ = ["EXAMPLE_SCHEMA", "Tokenize", "build_examples", "pack", "phase_datasets", "resolve_phases",
-           "tokenize_examples", "train", "main"]

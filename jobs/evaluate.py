@@ -2,4 +2,4 @@
 from cft_ray.cli import job
 
 if __name__ == "__main__":
-    job("evaluate")
+    job("arms")

@@ -1,6 +1,7 @@
 import pytest
 
-from cft_ray.config import CftConfig, ConfigError, config_hash, load_config, stage_dir
+from cft_ray.config import CftConfig, ConfigError, config_hash, load_config
+from cft_ray.layout import stage_dir
 
 
 def test_defaults_validate_and_every_field_is_documented():

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cft_ray import evaluate, prompts
+from cft_ray import arms, evaluate, prompts
 from cft_ray.config import load_config
 from cft_ray.data import ITEM_SCHEMA
 from cft_ray.train import IGNORE, tokenize_examples
@@ -90,13 +90,13 @@ def test_accuracy_stderr_parse_failures_and_groups():
 
 
 def test_arm_prompt_and_teacher_coverage():
-    from cft_ray.config import teacher_coverage
+    from cft_ray.arms import teacher_coverage
 
     cfg = load_config(None, ["arms=[base,caft,sft]"])
-    assert evaluate.prompt_kind(cfg, "caft") == "cot" and evaluate.prompt_kind(cfg, "sft") == "direct"
-    assert teacher_coverage(cfg.arms) == {"routed"} and evaluate.needs_teacher(cfg)
+    assert arms.prompt_kind(cfg, "caft") == "cot" and arms.prompt_kind(cfg, "sft") == "direct"
+    assert teacher_coverage(cfg.arms) == {"routed"} and arms.needs_teacher(cfg)
     no_cot = load_config(None, ["arms=[base,caft]", "split.routing={easy: direct, medium: direct, hard: direct}"])
-    assert not evaluate.needs_teacher(no_cot) and evaluate.prompt_kind(no_cot, "caft") == "direct"
+    assert not arms.needs_teacher(no_cot) and arms.prompt_kind(no_cot, "caft") == "direct"
     assert teacher_coverage(["caft", "distill", "random_routing"]) == {"all"}
     assert teacher_coverage(["caft", "random_routing"]) == {"routed", "random"}
     assert teacher_coverage(["base", "sft", "curriculum"]) == set()

@@ -13,7 +13,7 @@ def test_entrypoints_shadow_no_module_and_name_a_stage():
     (jobs/select.py did) breaks every import of that module in the job (subprocess imports select)."""
     import re
 
-    from cft_ray.cli import STAGES
+    from cft_ray.cli import COMMANDS as STAGES
 
     scripts = sorted((ROOT / "jobs").glob("*.py"))
     assert len(scripts) >= 8

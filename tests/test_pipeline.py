@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cft_ray import pipeline, store
-from cft_ray.config import load_config, stage_dir
+from cft_ray.config import load_config
+from cft_ray.layout import stage_dir
 
 # The embedded default's arms. All six arms trained on this tiny run once (issue 7's note); each arm costs
 # ~2 min here, so CI runs these two (arm recipes and data spent are also covered in test_evaluate.py).
@@ -89,11 +90,11 @@ def test_stages_ran_on_the_nodes_their_config_asks_for(tiny_run):
     where: dict[str, set] = {}
     for cls, name, node in tiny_run[2]:
         label = f"{cls} {name}"
-        for key in ("Scorer", "HFTeacher", "Tokenize", "TrainWorker"):
+        for key in ("Scorer", "HFGenerator", "Tokenize", "TrainWorker"):
             if key in label:
                 where.setdefault(key, set()).add(node)
     # Scorer: score stage; HFTeacher: teach and generate-mode eval; Tokenize + TrainWorker: train
-    assert where == {"Scorer": {"infer"}, "HFTeacher": {"infer"}, "Tokenize": {"train"}, "TrainWorker": {"train"}}, where
+    assert where == {"Scorer": {"infer"}, "HFGenerator": {"infer"}, "Tokenize": {"train"}, "TrainWorker": {"train"}}, where
 
 
 @pytest.mark.heavy
@@ -164,6 +165,6 @@ def test_dry_run_of_the_embedded_default(tmp_path, capsys):
     cfg = load_config(EMBEDDED_CONFIG, [f"run_dir={tmp_path}"])
     assert pipeline.main(cfg, dry_run=True) == str(tmp_path)
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines()[1:]] == [s for s in pipeline.STAGES if s != "select"]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [s for s in pipeline.CHAIN if s != "select"]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
     assert json.loads(json.dumps(cfg.model_dump(mode="json")))["arms"] == ["base", "caft"]

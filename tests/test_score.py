@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cft_ray import data, metrics, score, store
-from cft_ray.config import ConfigError, load_config, stage_dir
+from cft_ray.config import ConfigError, load_config
+from cft_ray.layout import load_items, load_scores, stage_dir
 from cft_ray.prompts import render, score_messages
 
 from conftest import LLAMA3_TEMPLATE
@@ -236,9 +237,9 @@ def test_stage_errors_manifest_diagnostics_and_load_scores(prepared, tiny_model_
     assert set(roc["by_subject"]) <= {"math", "arith", "<none>"}
     for png in ("roc.png", "hist.png"):
         assert open(store.join(out, png), "rb").read(4) == b"\x89PNG"
-    ok = score.load_scores(out).take_all()
+    ok = load_scores(out).take_all()
     assert sorted(r["item_id"] for r in ok) == sorted(r["item_id"] for r in used)
-    assert score.load_scores(out, include_invalid=True).count() == 40
+    assert load_scores(out, include_invalid=True).count() == 40
     mtime = os.path.getmtime(store.join(out, "manifest.json"))
     assert score.main(cfg) == out and os.path.getmtime(store.join(out, "manifest.json")) == mtime  # skipped
 
@@ -249,7 +250,7 @@ def test_two_actors_equal_one_actor(prepared):
     runs = {}
     for size in (1, 2):
         cfg = load_config(None, [*common, f"score.pool.size={size}"])
-        ds = data.load_items(stage_dir(cfg, "data"))
+        ds = load_items(stage_dir(cfg, "data"))
         runs[size] = sorted(score.score(ds, cfg).take_all(), key=lambda r: r["item_id"])
     assert [r["item_id"] for r in runs[1]] == sorted(it["item_id"] for it in items)
     for a, b in zip(runs[1], runs[2]):

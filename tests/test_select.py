@@ -11,7 +11,7 @@ import torch
 
 from cft_ray import metrics, prompts, store
 from cft_ray.config import ConfigError, load_config
-from cft_ray.evaluate import arm_treatment
+from cft_ray.arms import arm_treatment
 from cft_ray.select import choose, respond, select_instructdiff
 from cft_ray.train import IGNORE, tokenize_examples
 

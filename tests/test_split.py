@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from cft_ray import split as sp
 from cft_ray import store
-from cft_ray.config import ConfigError, SplitConfig, load_config, stage_dir
+from cft_ray.config import ConfigError, SplitConfig, load_config
+from cft_ray.layout import load_split, stage_dir
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,7 +37,7 @@ def local_plan(t: pa.Table, cfg: SplitConfig) -> tuple[pa.Table, dict]:
     prepared = sp.prepare(t, cfg)
     role = prepared["_role"].to_numpy(zero_copy_only=False)
     pool = np.sort(prepared["_d"].to_numpy()[role == "pool"])
-    plan = sp.fit(cfg, len(pool), pool.min() if len(pool) else None, pool.max() if len(pool) else None,
+    plan = sp.fit_cuts(cfg, len(pool), pool.min() if len(pool) else None, pool.max() if len(pool) else None,
                   lambda pos: pool[pos])
     return sp.label(prepared, plan), plan
 
@@ -305,7 +306,7 @@ def test_ray_split_outputs_reconcile_and_respect_every_rule(default_run):
     manifest = json.loads(open(f"{out}/manifest.json").read())
     assert manifest["counts"]["rows_in"] == N and manifest["stage"] == "split"
     assert sp.main(cfg) == out  # finished: skipped
-    assert sp.load_split(out, "test_balanced").count() == tb.num_rows
+    assert load_split(out, "test_balanced").count() == tb.num_rows
 
 
 @pytest.mark.heavy
@@ -349,7 +350,7 @@ def test_ray_split_thresholds_without_exclusions_and_empty_outputs(ray_local, tm
     assert summary["excluded"] == {"score error": err.sum()}  # invalid and unknown rows are bucketed now
     assert summary["thresholds"] == [0.3] and summary["difficulty"] == "1 - max_prob"
     for name in ("valid", "test", "test_balanced"):
-        assert sp.load_split(out, name).count() == 0  # empty, but readable with the full schema
+        assert load_split(out, name).count() == 0  # empty, but readable with the full schema
         assert "treatment" in read(out, name).column_names
     train = read(out, "train")
     assert train.num_rows == 300 - err.sum()

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cft_ray import store, teach
-from cft_ray.config import ConfigError, load_config, stage_dir
+from cft_ray import generate, store, teach
+from cft_ray.config import ConfigError, load_config
+from cft_ray.layout import load_cot, stage_dir
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -57,7 +58,7 @@ def test_judge_parses_last_marker_malformed_and_out_of_range():
                   "options": [[str(j) for j in range(n)] for _, n, _ in rows], "answer": [g for *_, g in rows],
                   "text": [x for x, *_ in rows], "prompt_tokens": [1] * len(rows), "completion_tokens": [1] * len(rows),
                   "finish_reason": ["stop"] * len(rows), "error": pa.nulls(len(rows), pa.string())})
-    out = teach._judge(t, "numbers")
+    out = generate._judge(t, "numbers")
     assert out.schema == teach.SAMPLE_SCHEMA
     assert out["parsed"].to_pylist() == [2, None, None, 1, None, 9, None]
     assert out["correct"].to_pylist() == [True, False, False, True, False, True, False]
@@ -67,7 +68,7 @@ def test_letters_and_cut_after_marker():
     t = pa.table({"item_id": ["a"], "sample_idx": [0], "options": [["x", "y", "z"]], "answer": [2],
                   "text": ["so [[C]]"], "prompt_tokens": [1], "completion_tokens": [1], "finish_reason": ["stop"],
                   "error": pa.nulls(1, pa.string())})
-    assert teach._judge(t, "letters")["correct"].to_pylist() == [True]
+    assert generate._judge(t, "letters")["correct"].to_pylist() == [True]
     assert teach.cut_after_marker("think [[1]] more [[2]] and rambling") == "think [[1]] more [[2]]"
     assert teach.cut_after_marker("nothing") == "nothing"
 
@@ -75,13 +76,13 @@ def test_letters_and_cut_after_marker():
 def test_answer_grammar_accepts_only_bounded_text_and_valid_marker():
     xgr_testing = pytest.importorskip("xgrammar.testing")
     acc = xgr_testing._is_grammar_accept_string
-    g = teach.answer_grammar(4, "numbers", max_chars=20)
+    g = generate.answer_grammar(4, "numbers", max_chars=20)
     assert acc(g, "I think so. [[3]]") and acc(g, "[[4]]")
     assert not acc(g, "x [[5]]")            # not an option id
     assert not acc(g, "a [b] [[1]]")        # stray brackets would fake or hide a marker
     assert not acc(g, "y" * 21 + "[[1]]")   # the text budget is what makes the marker fit max_tokens
     assert not acc(g, "done [[2]] more")    # nothing after the marker
-    assert acc(teach.answer_grammar(12, "letters", 20), "ok [[L]]")
+    assert acc(generate.answer_grammar(12, "letters", 20), "ok [[L]]")
 
 
 def test_vllm_on_cpu_refuses_seeded_sampling(ray_local, tmp_path):
@@ -100,9 +101,9 @@ def test_vllm_failed_rows_get_sample_columns():
         {"item_id": "y", "sample_idx": 1, "options": ["a", "b"], "answer": 1, "text": "ok [[2]]", "prompt_tokens": 9,
          "completion_tokens": 4, "finish_reason": "stop", "error": None, "__inference_error__": ""},
         {"item_id": "z", "sample_idx": 1, "options": ["a", "b"], "answer": 1, "__inference_error__": "boom"}])
-    a = teach._judge(teach._vllm_failed_rows(only_failed), "numbers").to_pylist()
+    a = generate._judge(generate._vllm_failed_rows(only_failed), "numbers").to_pylist()
     assert a[0]["error"] == "engine error: ValueError: prompt too long" and a[0]["finish_reason"] == "error"
-    b = teach._judge(teach._vllm_failed_rows(mixed), "numbers").to_pylist()
+    b = generate._judge(generate._vllm_failed_rows(mixed), "numbers").to_pylist()
     assert b[0]["correct"] and b[0]["error"] is None and b[0]["prompt_tokens"] == 9
     assert b[1]["error"] == "engine error: boom" and b[1]["text"] is None and not b[1]["correct"]
     assert teach.verdict(b[1]["parsed"], b[1]["correct"], b[1]["finish_reason"], b[1]["error"]) == "engine error"
@@ -142,7 +143,7 @@ ONE_ROUND = [("a", 0, "r [[2]] tail", 1, True, "stop", None), ("b", 0, "r [[1]]"
 def test_select_policies_on_constructed_outputs(ray_local, policy, rows, rounds, kept, failed):
     import ray
 
-    cot, fails = teach.select(ray.data.from_arrow(_samples(rows)), policy, rounds)
+    cot, fails = teach.apply_policy(ray.data.from_arrow(_samples(rows)), policy, rounds)
     cot, fails = cot.take_all(), fails.take_all()
     assert {r["item_id"]: r["sample_idx"] for r in cot} == kept
     assert all(r["text"].endswith("]]") for r in cot)          # kept text ends in its marker ("tail" cut)
@@ -178,7 +179,7 @@ def test_hf_resample_rounds_stop_at_n_and_only_cot_rows(ray_local, tmp_path, tin
     assert m["counts"]["requested"] == len(cot_ids) and m["counts"]["generated"] == len(s)
     assert m["counts"]["kept"] + sum(m["counts"]["failed"].values()) == len(cot_ids)
     assert m["sampling"]["samples"] == 2 and m["tokens"]["out"] == sum(r["completion_tokens"] for r in s)
-    assert teach.load_cot(out).count() == len(cot)
+    assert load_cot(out).count() == len(cot)
     assert teach.main(cfg) == out and samples_of(out) == s           # finished: skipped
 
 

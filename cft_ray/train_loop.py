@@ -1,10 +1,12 @@
 """The per-worker training loop (runs inside Ray Train workers); read it top to bottom.
 
-    setup: process group -> model (ZeRO-3: partitioned while loading) -> LoRA -> DeepSpeed engine
-    resume: DeepSpeed state + RNG + loop position from ray.train.get_checkpoint()
-    loop: phases -> epochs -> optimizer steps of grad_accum micro-batches from this worker's shard
-    checkpoint: every N steps / T minutes through ray.train.report(checkpoint=...)
-    export: HF model dir (LoRA merged) + adapter + tokenizer, reported as the last checkpoint
+    train_loop: the recipe, calling the steps below in order
+    _setup: process group -> model (ZeRO-3: partitioned while loading) -> LoRA -> DeepSpeed engine
+    _resume: DeepSpeed state + RNG + loop position from ray.train.get_checkpoint()
+    _train_phase: epochs -> _optimizer_step (grad_accum micro-batches from this worker's shard)
+    _save_checkpoint: every N steps / T minutes through ray.train.report(checkpoint=...)
+    _valid_loss: after each phase with valid rows
+    _report_final_model: HF model dir (LoRA merged) + adapter + tokenizer, reported as the last checkpoint
 
 The loss is the mean over every supervised token of the global batch (all workers, all
 micro-batches), whatever the row lengths: each micro-batch's summed token loss is divided by the
@@ -20,11 +22,15 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
+from cft_ray.config import TrainConfig
+from cft_ray.layout import IGNORE
+
 log = logging.getLogger("cft_ray")
-IGNORE = -100
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -128,19 +134,67 @@ def load_checkpoint_file(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+@dataclass
+class Run:
+    """One worker's run: what setup builds and every later step reads. `state` is what
+    trainer_state.json holds (step, history, checkpoints, resumes, valid, done, tag)."""
+    tc: TrainConfig
+    plan: list
+    model_dir: str
+    trust_remote_code: bool
+    rank: int
+    world: int
+    device: Any
+    engine: Any
+    scheduler: Any
+    collate_fn: Callable
+    total_steps: int
+    state: dict
+    # HfDeepSpeedConfig (ZeRO-3 only): transformers holds it by weak reference, so it must stay
+    # referenced for the whole run for its ZeRO-3 checks to see it
+    hf_ds_config: Any = None
+    tracker: Callable | None = None
+    last_ckpt: float = 0.0  # time of the last checkpoint (rank 0's clock decides when one is due)
+
+    @property
+    def lora(self) -> bool:
+        return self.tc.method == "lora"
+
+
 def train_loop(config: dict) -> None:
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO)
+    run = _setup(config)
+    _resume(run)
+    if run.state["done"]:
+        return  # the export was reported before a late failure: nothing left to do
+    if run.rank == 0 and run.tc.tracking != "none":
+        run.tracker = _tracker(run.tc, config)
+    run.last_ckpt = time.time()  # the checkpoint timer starts with the loop
+    run.engine.train()
+    offset = 0
+    for phase_index, ph in enumerate(run.plan):
+        end = offset + ph["steps"]
+        if run.state["step"] < end:
+            _train_phase(run, phase_index, ph, offset, end)
+        if ph["steps"] and ph["valid"] and ph["name"] not in run.state["valid"]:
+            run.state["valid"][ph["name"]] = _valid_loss(run.engine, ray.train.get_dataset_shard(ph["valid"]),
+                                                         run.tc, run.collate_fn, run.device)
+            if run.rank == 0:
+                log.info("train: phase %s valid loss %.4f", ph["name"], run.state["valid"][ph["name"]])
+        offset = end
+    _report_final_model(run)
+
+
+def _setup(config: dict) -> Run:
+    """Process group -> model -> LoRA -> DeepSpeed engine (weights, optimizer, LR schedule)."""
     import deepspeed
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
-    from cft_ray.config import TrainConfig
-
-    logging.basicConfig(level=logging.INFO)
     tc = TrainConfig.model_validate(config["train"])
-    plan, model_dir = config["plan"], config["model_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -149,143 +203,165 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(tc.seed)
     deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")  # reuses Ray Train's group
     ds_cfg = deepspeed_config(tc, world)
-    lora = tc.method == "lora"
-    total_steps = sum(p["steps"] for p in plan)
-    ga = tc.grad_accum
-
-    # --- model: under ZeRO-3 HfDeepSpeedConfig makes from_pretrained partition weights while loading
-    hf_ds = None
-    if tc.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - must stay referenced until the model exists
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[tc.precision]),
-                                                 trust_remote_code=config["trust_remote_code"], use_safetensors=True)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                                                 target_modules=tc.lora_target_modules, task_type="CAUSAL_LM"))
+    hf_ds_config, model = _load_model(tc, ds_cfg, config["model_dir"], config["trust_remote_code"])
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
         trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=tc.use_gpu)
+    total_steps = sum(p["steps"] for p in config["plan"])
     schedule = functools.partial(lr_factor, warmup=tc.warmup_steps, total=total_steps, shape=tc.lr_schedule)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-
-    # --- resume: DeepSpeed restores weights, optimizer and scheduler; we restore RNG and position
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
              "params": n_params, "trainable_params": n_trainable}
+    return Run(tc=tc, plan=config["plan"], model_dir=config["model_dir"],
+               trust_remote_code=config["trust_remote_code"], rank=rank, world=world, device=device,
+               engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),
+               total_steps=total_steps, state=state, hf_ds_config=hf_ds_config)
+
+
+def _load_model(tc: TrainConfig, ds_cfg: dict, model_dir: str, trust_remote_code: bool):
+    """The HF model (with its LoRA adapter for method=lora), and the HfDeepSpeedConfig to keep alive.
+    Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained partition the weights while loading."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_ds_config = None
+    if tc.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds_config = HfDeepSpeedConfig(ds_cfg)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[tc.precision]),
+                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if tc.method == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                                                 target_modules=tc.lora_target_modules, task_type="CAUSAL_LM"))
+    return hf_ds_config, model
+
+
+def _resume(run: Run) -> None:
+    """Restore from ray.train.get_checkpoint(), if any: DeepSpeed restores weights, optimizer and
+    scheduler; we restore the RNG and the loop position (run.state). A final export (state "done")
+    is left unloaded: there is nothing to resume."""
+    import ray.train
+    import torch
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            with open(os.path.join(d, "trainer_state.json")) as f:
-                state = json.load(f)
-            if state["done"]:
-                return  # the export was reported before a late failure: nothing left to do
-            engine.checkpoint_engine.load = load_checkpoint_file
-            engine.load_checkpoint(d, tag=state["tag"], load_module_strict=not lora)
-            rng = np.fromfile(os.path.join(d, f"rng_rank{rank}.bin"), dtype=np.uint8)
-            torch.set_rng_state(torch.from_numpy(rng))
-        fp = state_fingerprint(engine)
-        state["resumes"].append({"step": state["step"], "fingerprint": fp,
-                                 "saved_fingerprint": state["checkpoints"][-1]["fingerprint"]})
-        log.info("train: rank %d resumed at step %d (state fingerprint %.6g)", rank, state["step"], fp)
+    if not ckpt:
+        return
+    with ckpt.as_directory() as d:
+        with open(os.path.join(d, "trainer_state.json")) as f:
+            run.state = json.load(f)
+        if run.state["done"]:
+            return
+        run.engine.checkpoint_engine.load = load_checkpoint_file
+        run.engine.load_checkpoint(d, tag=run.state["tag"], load_module_strict=not run.lora)
+        rng = np.fromfile(os.path.join(d, f"rng_rank{run.rank}.bin"), dtype=np.uint8)
+        torch.set_rng_state(torch.from_numpy(rng))
+    fp = state_fingerprint(run.engine)
+    run.state["resumes"].append({"step": run.state["step"], "fingerprint": fp,
+                                 "saved_fingerprint": run.state["checkpoints"][-1]["fingerprint"]})
+    log.info("train: rank %d resumed at step %d (state fingerprint %.6g)", run.rank, run.state["step"], fp)
 
-    tracker = _tracker(tc, config) if rank == 0 and tc.tracking != "none" else None
 
-    def save(step: int) -> None:
-        tmp = tempfile.mkdtemp(prefix="cft-ckpt-")
-        engine.save_checkpoint(tmp, tag=f"step{step}", exclude_frozen_parameters=lora)
-        torch.get_rng_state().numpy().tofile(os.path.join(tmp, f"rng_rank{rank}.bin"))
-        state["tag"] = f"step{step}"
-        state["checkpoints"].append({"step": step, "fingerprint": state_fingerprint(engine), "time": time.time()})
-        if rank == 0:
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f)
-        ray.train.report({"step": step, "loss": state["history"][-1]["loss"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step-{step:08d}-r{len(state['resumes'])}")
-        shutil.rmtree(tmp, ignore_errors=True)
+def _train_phase(run: Run, phase_index: int, ph: dict, offset: int, end: int) -> None:
+    """The phase's epochs, as optimizer steps offset+1..end; a resumed run skips the epochs and the
+    micro-batches the checkpoint had consumed (the shards are deterministic: preserve_order)."""
+    import ray.train
 
-    # --- the loop: phase -> epoch -> step; a resumed run skips what the checkpoint had consumed
-    step, offset, last_ckpt = state["step"], 0, time.time()
-    loader = functools.partial(collate, pad_id=config["pad_id"])
-    engine.train()
-    for pi, ph in enumerate(plan):
-        end = offset + ph["steps"]
-        if step < end:
-            shard = ray.train.get_dataset_shard(ph["dataset"])
-            spe = ph["steps_per_epoch"]
-            for epoch in range(math.ceil(ph["steps"] / spe)):
-                first, last = offset + epoch * spe, min(offset + (epoch + 1) * spe, end)
-                if step >= last:
-                    continue
-                batches = iter(shard.iter_torch_batches(
-                    batch_size=tc.micro_batch, collate_fn=loader, prefetch_batches=2,
-                    local_shuffle_buffer_size=tc.shuffle_buffer_rows or None,
-                    local_shuffle_seed=tc.seed * 100_003 + pi * 1009 + epoch))
-                for _ in range((step - first) * ga):
-                    next(batches)
-                while step < last:
-                    t0 = time.time()
-                    micro = [next(batches) for _ in range(ga)]
-                    due = rank == 0 and time.time() - last_ckpt >= tc.checkpoint_every_minutes * 60
-                    counts = torch.tensor([sum(b["n_target"] for b in micro), sum(b["n_tokens"] for b in micro), due],
-                                          dtype=torch.float64)
-                    dist.all_reduce(counts)
-                    norm = counts[0].item() / (world * ga)  # see the module docstring
-                    loss_sum = 0.0
-                    for b in micro:
-                        inputs = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-                        # no KV cache: training never reads it, and with one transformers ignores packed position_ids
-                        loss = engine(**inputs, num_items_in_batch=norm, use_cache=False).loss
-                        engine.backward(loss)
-                        engine.step()
-                        loss_sum += loss.item()
-                    mean = torch.tensor([loss_sum], dtype=torch.float64)
-                    dist.all_reduce(mean)
-                    step += 1
-                    gn = engine.get_global_grad_norm()
-                    state["history"].append({
-                        "step": step, "phase": ph["name"], "epoch": epoch, "loss": mean.item() / (world * ga),
-                        "lr": scheduler.get_last_lr()[0], "grad_norm": None if gn is None else float(gn),
-                        "tokens": int(counts[1].item()), "target_tokens": int(counts[0].item()),
-                        "time_s": time.time() - t0})
-                    state["step"] = step
-                    if rank == 0 and (step % tc.log_every_steps == 0 or step == total_steps):
-                        h = state["history"][-1]
-                        log.info("train: step %d/%d phase %s epoch %d loss %.4f lr %.3g %.0f tok/s", step, total_steps,
-                                 ph["name"], epoch, h["loss"], h["lr"], h["tokens"] / h["time_s"])
-                        if tracker:
-                            tracker({"loss": h["loss"], "lr": h["lr"], "tokens_per_s": h["tokens"] / h["time_s"]}, step)
-                    if step < total_steps and (step % tc.checkpoint_every_steps == 0 or counts[2].item() > 0):
-                        save(step)
-                        last_ckpt = time.time()
-        if ph["steps"] and ph["valid"] and ph["name"] not in state["valid"]:
-            state["valid"][ph["name"]] = _valid_loss(engine, ray.train.get_dataset_shard(ph["valid"]), tc, loader, device)
-            if rank == 0:
-                log.info("train: phase %s valid loss %.4f", ph["name"], state["valid"][ph["name"]])
-        offset = end
+    tc, ga = run.tc, run.tc.grad_accum
+    shard = ray.train.get_dataset_shard(ph["dataset"])
+    spe = ph["steps_per_epoch"]
+    for epoch in range(math.ceil(ph["steps"] / spe)):
+        first, last = offset + epoch * spe, min(offset + (epoch + 1) * spe, end)
+        if run.state["step"] >= last:
+            continue
+        batches = iter(shard.iter_torch_batches(
+            batch_size=tc.micro_batch, collate_fn=run.collate_fn, prefetch_batches=2,
+            local_shuffle_buffer_size=tc.shuffle_buffer_rows or None,
+            local_shuffle_seed=tc.seed * 100_003 + phase_index * 1009 + epoch))
+        for _ in range((run.state["step"] - first) * ga):
+            next(batches)
+        while run.state["step"] < last:
+            checkpoint_due = _optimizer_step(run, batches, ph["name"], epoch)
+            step = run.state["step"]
+            if run.rank == 0 and (step % tc.log_every_steps == 0 or step == run.total_steps):
+                _log_step(run, ph["name"], epoch)
+            if step < run.total_steps and (step % tc.checkpoint_every_steps == 0 or checkpoint_due):
+                _save_checkpoint(run, step)
+                run.last_ckpt = time.time()
 
-    # --- export: the final model as the last checkpoint; the driver copies it into the stage dir
-    tmp = tempfile.mkdtemp(prefix="cft-export-")
-    _export(engine, tc, model_dir, tmp, rank, config["trust_remote_code"])
-    state["done"] = True
-    if rank == 0:
+
+def _optimizer_step(run: Run, batches, phase: str, epoch: int) -> bool:
+    """One optimizer step over grad_accum micro-batches; appends its record to run.state["history"].
+    Returns whether the checkpoint timer ran out: rank 0's clock decides, and the all-reduce that
+    counts the tokens carries its verdict so that every rank checkpoints at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    engine, ga, world = run.engine, run.tc.grad_accum, run.world
+    t0 = time.time()
+    micro = [next(batches) for _ in range(ga)]
+    due = run.rank == 0 and time.time() - run.last_ckpt >= run.tc.checkpoint_every_minutes * 60
+    counts = torch.tensor([sum(b["n_target"] for b in micro), sum(b["n_tokens"] for b in micro), due],
+                          dtype=torch.float64)
+    dist.all_reduce(counts)
+    norm = counts[0].item() / (world * ga)  # see the module docstring
+    loss_sum = 0.0
+    for b in micro:
+        inputs = {k: v.to(run.device) for k, v in b.items() if torch.is_tensor(v)}
+        # no KV cache: training never reads it, and with one transformers ignores packed position_ids
+        loss = engine(**inputs, num_items_in_batch=norm, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+    mean = torch.tensor([loss_sum], dtype=torch.float64)
+    dist.all_reduce(mean)
+    step = run.state["step"] + 1
+    gn = engine.get_global_grad_norm()
+    run.state["history"].append({
+        "step": step, "phase": phase, "epoch": epoch, "loss": mean.item() / (world * ga),
+        "lr": run.scheduler.get_last_lr()[0], "grad_norm": None if gn is None else float(gn),
+        "tokens": int(counts[1].item()), "target_tokens": int(counts[0].item()),
+        "time_s": time.time() - t0})
+    run.state["step"] = step
+    return counts[2].item() > 0
+
+
+def _log_step(run: Run, phase: str, epoch: int) -> None:
+    h = run.state["history"][-1]
+    log.info("train: step %d/%d phase %s epoch %d loss %.4f lr %.3g %.0f tok/s", h["step"], run.total_steps,
+             phase, epoch, h["loss"], h["lr"], h["tokens"] / h["time_s"])
+    if run.tracker:
+        run.tracker({"loss": h["loss"], "lr": h["lr"], "tokens_per_s": h["tokens"] / h["time_s"]}, h["step"])
+
+
+def _save_checkpoint(run: Run, step: int) -> None:
+    """DeepSpeed state (every rank its shard) + this rank's RNG + trainer_state.json (rank 0),
+    reported to Ray Train, which moves it to storage."""
+    import ray.train
+    import torch
+
+    tmp = tempfile.mkdtemp(prefix="cft-ckpt-")
+    run.engine.save_checkpoint(tmp, tag=f"step{step}", exclude_frozen_parameters=run.lora)
+    torch.get_rng_state().numpy().tofile(os.path.join(tmp, f"rng_rank{run.rank}.bin"))
+    run.state["tag"] = f"step{step}"
+    run.state["checkpoints"].append({"step": step, "fingerprint": state_fingerprint(run.engine), "time": time.time()})
+    if run.rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-    ray.train.report({"step": step, "done": True},
-                     checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                     checkpoint_dir_name=f"export-{step:08d}")
+            json.dump(run.state, f)
+    ray.train.report({"step": step, "loss": run.state["history"][-1]["loss"]},
+                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                     checkpoint_dir_name=f"step-{step:08d}-r{len(run.state['resumes'])}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _valid_loss(engine, shard, tc, loader, device) -> float | None:
+def _valid_loss(engine, shard, tc, collate_fn, device) -> float | None:
     """Token-mean loss over this phase's valid rows (equal shards: every rank runs the same batches,
     which ZeRO-3's parameter gathers require)."""
     import torch
@@ -294,13 +370,30 @@ def _valid_loss(engine, shard, tc, loader, device) -> float | None:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=tc.micro_batch, collate_fn=loader):
+        for b in shard.iter_torch_batches(batch_size=tc.micro_batch, collate_fn=collate_fn):
             inputs = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
             total[0] += engine(**inputs, num_items_in_batch=1, use_cache=False).loss.item()
             total[1] += b["n_target"]
     dist.all_reduce(total)
     engine.train()
     return total[0].item() / total[1].item() if total[1] > 0 else None
+
+
+def _report_final_model(run: Run) -> None:
+    """The final model as the last checkpoint (state "done"); the driver copies it into the stage dir."""
+    import ray.train
+
+    step = run.state["step"]
+    tmp = tempfile.mkdtemp(prefix="cft-export-")
+    _export(run.engine, run.tc, run.model_dir, tmp, run.rank, run.trust_remote_code)
+    run.state["done"] = True
+    if run.rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(run.state, f)
+    ray.train.report({"step": step, "done": True},
+                     checkpoint=ray.train.Checkpoint.from_directory(tmp) if run.rank == 0 else None,
+                     checkpoint_dir_name=f"export-{step:08d}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _export(engine, tc, model_dir: str, out: str, rank: int, trust_remote_code: bool) -> None:

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cft_ray import generate, store, teach
+from cft_ray import arms, generate, store, teach
 from cft_ray.config import ConfigError, load_config
-from cft_ray.layout import load_cot, stage_dir
+from cft_ray.layout import SAMPLE_SCHEMA, load_cot, stage_dir
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -59,7 +59,7 @@ def test_judge_parses_last_marker_malformed_and_out_of_range():
                   "text": [x for x, *_ in rows], "prompt_tokens": [1] * len(rows), "completion_tokens": [1] * len(rows),
                   "finish_reason": ["stop"] * len(rows), "error": pa.nulls(len(rows), pa.string())})
     out = generate._judge(t, "numbers")
-    assert out.schema == teach.SAMPLE_SCHEMA
+    assert out.schema == SAMPLE_SCHEMA
     assert out["parsed"].to_pylist() == [2, None, None, 1, None, 9, None]
     assert out["correct"].to_pylist() == [True, False, False, True, False, True, False]
 
@@ -120,7 +120,7 @@ def test_verdict_reasons():
 def _samples(rows):
     return pa.Table.from_pylist([dict(item_id=i, sample_idx=r, text=x, parsed=p, correct=c, prompt_tokens=5,
                                       completion_tokens=3, finish_reason=f, error=e) for i, r, x, p, c, f, e in rows],
-                                schema=teach.SAMPLE_SCHEMA)
+                                schema=SAMPLE_SCHEMA)
 
 
 RESAMPLED = [  # (item, round, text, parsed, correct, finish, error): a resample run with n = 3
@@ -159,7 +159,7 @@ def test_hf_resample_rounds_stop_at_n_and_only_cot_rows(ray_local, tmp_path, tin
     items = [{**it, "answer": k % len(it["options"])} for k, it in enumerate(items)]  # a fixed-label guesser hits some
     cot_ids = {it["item_id"] for it in items[:6]} | {"ten"}
     make_split(cfg, items, cot_ids, test_ids={"i7"})
-    out = teach.main(cfg)
+    out = arms.teach_for_arms(cfg)
     s = samples_of(out)
     assert {r["item_id"] for r in s} == cot_ids                      # never direct rows, never test rows
     by_item = {}
@@ -180,14 +180,14 @@ def test_hf_resample_rounds_stop_at_n_and_only_cot_rows(ray_local, tmp_path, tin
     assert m["counts"]["kept"] + sum(m["counts"]["failed"].values()) == len(cot_ids)
     assert m["sampling"]["samples"] == 2 and m["tokens"]["out"] == sum(r["completion_tokens"] for r in s)
     assert load_cot(out).count() == len(cot)
-    assert teach.main(cfg) == out and samples_of(out) == s           # finished: skipped
+    assert arms.teach_for_arms(cfg) == out and samples_of(out) == s           # finished: skipped
 
 
 def test_hf_resume_generates_only_missing_rows(ray_local, tmp_path, tiny_model_dir, items):
     cfg = cfg_for(tmp_path, tiny_model_dir, "teach.policy=keep_correct", "teach.max_tokens=4")
     cot_ids = {it["item_id"] for it in items}
     make_split(cfg, items, cot_ids)
-    out = teach.main(cfg)
+    out = arms.teach_for_arms(cfg)
     first = {r["item_id"]: r for r in samples_of(out)}
     assert set(first) == cot_ids and all(r["parsed"] is None for r in first.values())  # tiny model: no marker
     assert {r["reason"] for r in read_dir(store.join(out, "failures"))} <= {"truncated", "no marker"}
@@ -200,7 +200,7 @@ def test_hf_resume_generates_only_missing_rows(ray_local, tmp_path, tiny_model_d
     with open(store.join(out, "parts", "r0", "half.parquet"), "wb") as f:
         f.write(b"PAR1 truncated")
     kept_mtimes = {f: os.path.getmtime(f) for f in files[1:]}
-    teach.main(cfg)
+    arms.teach_for_arms(cfg)
     again = samples_of(out)
     assert sorted(r["item_id"] for r in again) == sorted(cot_ids)    # every item exactly once
     assert all(os.path.getmtime(f) == m for f, m in kept_mtimes.items())  # done parts untouched
@@ -224,7 +224,7 @@ def test_hf_and_vllm_on_smollm2_same_rows_parseable(ray_local, tmp_path, smollm2
                                  "teach.hf_micro_batch=4", "teach.cpu_kv_cache_gb=1",
                                  "teach.engine_kwargs={enforce_eager: true, max_model_len: 1024}"])
         make_split(cfg, rows, {r["item_id"] for r in rows})
-        outs[backend] = {r["item_id"]: r for r in samples_of(teach.main(cfg))}
+        outs[backend] = {r["item_id"]: r for r in samples_of(arms.teach_for_arms(cfg))}
     for backend, s in outs.items():
         assert set(s) == {r["item_id"] for r in rows}, backend
         assert all(r["error"] is None and r["text"] for r in s.values()), backend

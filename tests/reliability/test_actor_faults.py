@@ -12,7 +12,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from cft_ray import score, store, teach
+from cft_ray import arms, score, store
 from cft_ray.config import load_config
 from cft_ray.layout import stage_dir
 from test_score import _items, _prepare
@@ -98,7 +98,7 @@ def test_teacher_actor_killed_mid_stage_is_restarted(ray_local, tmp_path, smollm
     out = stage_dir(cfg, "teach")
     killed: list[int] = []
     th = killer("HFGenerator", store.join(out, "parts", "r0"), 1, killed)
-    assert teach.main(cfg) == out
+    assert arms.teach_for_arms(cfg) == out
     th.join()
     assert len(killed) == 1, "the teacher was killed mid-stage"
     s = samples_of(out)

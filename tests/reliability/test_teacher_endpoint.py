@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cft_ray import store, teach
+from cft_ray import arms, store
 from cft_ray.config import load_config
 from test_teach import make_split, read_dir, samples_of
 
@@ -109,7 +109,7 @@ def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_serv
                              "teach.pool.batch_size=8"])
     make_split(cfg, items, set(kinds))
     t0 = time.time()
-    out = teach.main(cfg)
+    out = arms.teach_for_arms(cfg)
     assert time.time() - t0 < 300  # generous: Ray start-up on a loaded box; the bound is the attempts below
     s = {r["item_id"]: r for r in samples_of(out)}
     assert set(s) == set(kinds)
@@ -140,7 +140,7 @@ def test_openai_endpoint_down_gives_failure_rows(ray_local, tmp_path, monkeypatc
                              "teach.api_model=fake", "teach.api_key_env=CFT_TEST_TEACHER_KEY", "teach.max_retries=2", "teach.policy=keep_correct",
                              "teach.backoff_s=0.01", "teach.timeout_s=1"])
     make_split(cfg, items, {it["item_id"] for it in items})
-    out = teach.main(cfg)
+    out = arms.teach_for_arms(cfg)
     s = samples_of(out)
     assert sorted(r["item_id"] for r in s) == sorted(it["item_id"] for it in items)
     assert all(r["error"].startswith("engine error") and "Connect" in r["error"] for r in s), s[0]["error"]

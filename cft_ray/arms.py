@@ -25,14 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cft_ray import layout, store, teach
-from cft_ray.config import SELECT_ARMS, CftConfig, ConfigError, config_hash
+from cft_ray.config import COT_ARMS, SELECT_ARMS, CftConfig, ConfigError, Phase, config_hash
 from cft_ray.evaluate import eval_mode, evaluate_on_split
 from cft_ray.split import seeded_subset
+from cft_ray.stats import compare
 from cft_ray.train import train_from_rows
 
 log = logging.getLogger("cft_ray")
 
-COT_ARMS = {"distill", "caft", "random_routing"}  # arms whose model answers with reasoning
 RECIPES = {  # arm -> train.schedule
     "sft": "merged", "distill": "merged", "caft": None, "curriculum": "curriculum",
     "random_routing": None, "instructdiff": "merged", "random_select": "merged",
@@ -69,10 +69,29 @@ def prompt_kind(cfg: CftConfig, arm: str) -> str:
     return "cot" if arm in COT_ARMS else "direct"
 
 
+def arm_budget(cfg: CftConfig) -> float:
+    """Epochs every arm trains in all (train.arm_epochs, default twice train.epochs)."""
+    return cfg.train.arm_epochs or 2 * cfg.train.epochs
+
+
 def arm_cfg(cfg: CftConfig, arm: str) -> CftConfig:
-    """The run config with the arm's training schedule."""
-    schedule = RECIPES.get(arm)
-    return cfg if schedule is None else cfg.model_copy(update={"train": cfg.train.model_copy(update={"schedule": schedule})})
+    """The run config with the arm's training schedule, its phases sharing the same budget of epochs
+    (the paper's: merged arms train it all; two_phase half + half; the curriculum half on the hardest
+    bucket and the other half shared by the easier ones). A custom schedule keeps its own epochs."""
+    total, tc = arm_budget(cfg), cfg.train
+    schedule = RECIPES.get(arm) or tc.schedule
+    update: dict = {"schedule": schedule}
+    if schedule == "merged":
+        update["epochs"] = total
+    elif schedule == "two_phase":
+        update["epochs"] = total / 2
+    elif schedule == "curriculum":
+        buckets = cfg.split.buckets()
+        update.update(schedule="custom", phases=[
+            Phase(name=f"curriculum-{b}", treatments=["direct"], buckets=[b],
+                  epochs=total / 2 if i == len(buckets) - 1 else total / 2 / (len(buckets) - 1))
+            for i, b in enumerate(buckets)])
+    return cfg.model_copy(update={"train": tc.model_copy(update=update)})
 
 
 def arm_dirs(cfg: CftConfig) -> dict[str, tuple[str | None, str]]:
@@ -258,6 +277,7 @@ def run_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], dirs: 
     if train_dir:
         tm = store.read_json(store.join(train_dir, "train_manifest.json"))
         metrics["train"] = {k: tm.get(k) for k in ("steps", "tokens_per_s", "mfu", "wall_s", "schedule", "effective_batch")}
+        metrics["epochs"] = {p["name"]: p["epochs"] for p in tm["phases"] if p["steps"]}
     store.write_json(store.join(eval_dir, "metrics.json"), metrics)
     store.finish(eval_dir, {"stage": f"eval:{arm}", "config_hash": layout.dir_hash(eval_dir),
                             "duration_s": round(time.time() - started, 2),
@@ -279,7 +299,40 @@ def run_arms(cfg: CftConfig) -> str:
             continue
         log.info("arm %s: train %s, eval %s", arm, train_dir, eval_dir)
         summary[arm] = run_arm(cfg, arm, rows, subsets, dirs[arm])
+    store.write_json(store.join(cfg.run_dir, "comparisons.json"), compare_arms(cfg, dirs, summary))
     out = store.join(cfg.run_dir, "arms.json")
     store.write_json(out, {a: {"eval_dir": dirs[a][1], "train_dir": dirs[a][0],
+                               "epochs": summary[a].get("epochs", {}),
                                **{k: summary[a][k] for k in ("sets", "data_spent", "prompt", "mode")}} for a in cfg.arms})
+    return out
+
+
+def compared_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """The pairs the report compares: each arm vs base and vs sft, and each method vs its control."""
+    pairs = [(a, ref) for ref in ("base", "sft") for a in arms if ref in arms and a not in ("base", ref)]
+    pairs += [(a, b) for a, b in (("caft", "distill"), ("caft", "random_routing"), ("instructdiff", "random_select"))
+              if a in arms and b in arms]
+    return list(dict.fromkeys(pairs))
+
+
+def compare_arms(cfg: CftConfig, dirs: dict, summary: dict) -> dict:
+    """Paired comparisons on the shared test items (test and test_balanced): exact McNemar p-value,
+    bootstrap interval of the difference, the smallest difference the set could detect. Each side
+    says under which protocol (eval mode + prompt) it was evaluated: unlike protocols are flagged."""
+    split_dir = layout.stage_dir(cfg, "split")
+    sets = {"test": None} | ({"test_balanced": set(layout.split_ids(split_dir, "test_balanced"))} if cfg.eval.balanced else {})
+    correct = {a: store.columns(store.join(dirs[a][1], "predictions"), ["item_id", "correct"]).to_pandas()
+               .set_index("item_id")["correct"] for a in cfg.arms}
+    out: dict = {"alpha": 0.05, "test": "exact McNemar (two-sided) on the discordant items; 95% paired bootstrap "
+                 "interval of the accuracy difference (10,000 resamples of items)", "pairs": []}
+    for a, b in compared_pairs(list(cfg.arms)):
+        row = {"a": a, "b": b, "protocol_a": f"{summary[a]['mode']}/{summary[a]['prompt']}",
+               "protocol_b": f"{summary[b]['mode']}/{summary[b]['prompt']}"}
+        row["same_protocol"] = row["protocol_a"] == row["protocol_b"]
+        for name, ids in sets.items():
+            both = correct[a].to_frame("a").join(correct[b].to_frame("b"), how="inner")
+            if ids is not None:
+                both = both[both.index.isin(ids)]
+            row[name] = compare(both["a"].to_numpy(bool), both["b"].to_numpy(bool), seed=cfg.split.seed)
+        out["pairs"].append(row)
     return out

@@ -191,13 +191,14 @@ class TrainConfig(_Base):
     schedule: Literal["two_phase", "merged", "curriculum", "custom"] = Field("two_phase", description="Paper's direct-then-CoT, one shuffled set, easy->medium->hard, or `phases`.")
     phases: list[Phase] = Field(default_factory=list, description="Phases for schedule=custom.")
     epochs: float = Field(1, gt=0, description="Epochs per phase of the named schedules (paper: 10 + 10).")
+    arm_epochs: float | None = Field(None, gt=0, description="Epochs every experiment arm trains in all, so arms are compared at equal budgets (paper: 20 = SFT 20, distillation 20, CAFT 10 + 10, curriculum 5 + 5 + 10); None = 2 x epochs, as long as the two phases of two_phase.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper full FT 1e-5; LoRA 1e-4).")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR shape after warm-up (paper: constant).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     micro_batch: int = Field(4, ge=1, description="Rows per worker per step: larger = faster, more activation memory.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; effective batch = micro_batch x grad_accum x workers (paper: 16).")
-    max_length: int = Field(1024, ge=16, description="Token cap per example; longer rows are truncated from the left of the prompt, counted in the manifest.")
+    max_length: int = Field(2048, ge=16, description="Token cap per example; longer rows are truncated from the left of the prompt, counted in the manifest.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     loss_on: Literal["assistant", "all"] = Field("assistant", description="Train on answer tokens only (default) or all tokens (paper).")
     packing: bool = Field(False, description="Pack several short rows per sequence: fewer pad tokens, needs position resets.")
@@ -233,7 +234,7 @@ class TrainConfig(_Base):
 
 class EvalConfig(_Base):
     mode: Literal["direct", "generate", "auto"] = Field("generate", description="direct = argmax over option labels (cheap, exact); generate = decode and parse [[k]] (the paper's protocol); auto = direct for direct-prompt arms, generate for CoT arms.")
-    max_new_tokens: int = Field(512, ge=1, description="Decode budget in generate mode: CoT arms need room, direct arms need ~5.")
+    max_new_tokens: int = Field(1024, ge=1, description="Decode budget in generate mode: CoT arms need room, direct arms need ~5.")
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation backend: vllm when installed, else transformers.")
     pool: ActorPool = Field(default_factory=ActorPool, description="Evaluation actors.")
     balanced: bool = Field(True, description="Also evaluate on the bucket-balanced test set.")
@@ -274,7 +275,8 @@ class PlanConfig(_Base):
 
 
 ARMS = ("base", "sft", "distill", "caft", "curriculum", "random_routing", "instructdiff", "random_select")
-SELECT_ARMS = {"instructdiff", "random_select"}  # trained on the select stage's subset (or a random one of its size)
+SELECT_ARMS = {"instructdiff", "random_select"}
+COT_ARMS = {"distill", "caft", "random_routing"}  # arms whose model answers with reasoning  # trained on the select stage's subset (or a random one of its size)
 
 
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/tmp", "/usr", "/var")
@@ -317,23 +319,50 @@ class CftConfig(_Base):
                  "thresholds": len(self.split.thresholds) + 1}[self.split.method]
             if len(names) != n:
                 raise ValueError(f"split.bucket_names: {len(names)} names for {n} buckets")
+        _length_budgets_of(self)
         need = sorted(SELECT_ARMS & set(self.arms))
         if need and self.selection != "instructdiff":
             raise ValueError(f"selection: arms {need} train on the InstructDiff selection; set selection=instructdiff")
         return self
 
 
+def _length_budgets_of(cfg: "CftConfig") -> None:
+    """A CoT arm learns the teacher's text (up to teach.max_tokens) and answers the same way at test
+    time: a training cap or a decode budget below that cuts the question or the [[k]] silently."""
+    cot = bool(COT_ARMS & set(cfg.arms)) or (cfg.selection == "instructdiff" and cfg.select.response == "cot")
+    if not cot:
+        return
+    t = cfg.teach.max_tokens
+    if cfg.train.max_length <= t:
+        raise ValueError(f"train.max_length: {cfg.train.max_length} <= teach.max_tokens={t}: a CoT example (prompt + "
+                         "the teacher's text) would lose its question or its answer; raise train.max_length")
+    if cfg.eval.mode != "direct" and cfg.eval.max_new_tokens < t:
+        raise ValueError(f"eval.max_new_tokens: {cfg.eval.max_new_tokens} < teach.max_tokens={t}: a CoT arm answers "
+                         "at the teacher's length, and a cut answer counts as wrong; raise eval.max_new_tokens")
+
+
 def _set(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
-        d = d.setdefault(k, {})
+        if d.get(k) is None:  # an optional section left empty (data.columns)
+            d[k] = {}
+        d = d[k]
         if not isinstance(d, dict):
             raise ConfigError(f"{dotted}: '{k}' is not a section")
     d[keys[-1]] = value
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """`over` laid onto `base`, sections merged key by key (a value that is not a section replaces)."""
+    for k, v in over.items():
+        base[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CftConfig:
-    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> validated config."""
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> validated config.
+    Both are laid over the defaults field by field, so `score.pool.size=2` changes the size and keeps
+    the score pool's own defaults (batch 256), where a bare section would fall back to ActorPool's."""
     raw: dict = {}
     if path is not None:
         try:
@@ -342,6 +371,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"cannot read config {path}: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _merge(CftConfig().model_dump(mode="json"), raw)
     for ov in overrides:
         key, sep, val = ov.partition("=")
         if not sep or not key:

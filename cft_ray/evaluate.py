@@ -19,6 +19,7 @@ from cft_ray.config import CftConfig
 from cft_ray.generate import GenerationSpec, generate
 from cft_ray.layout import ITEM_SCHEMA, PRED_SCHEMA
 from cft_ray.score import score
+from cft_ray.stats import wilson
 
 META = ["item_id", "bucket", "category", "subject", "answer"]
 
@@ -70,11 +71,13 @@ def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
 
 
 def accuracy(df) -> dict:
-    """Accuracy with its binomial standard error, parse failures, and per bucket/category/subject."""
+    """Accuracy with its 95% Wilson interval and binomial standard error, parse failures, and per
+    bucket/category/subject."""
     def one(part) -> dict:
-        n = len(part)
-        acc = float(part["correct"].mean()) if n else float("nan")
-        return {"n": n, "accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"),
+        n, k = len(part), int(part["correct"].sum())
+        acc = k / n if n else float("nan")
+        return {"n": n, "correct": k, "accuracy": acc, "ci95": list(wilson(k, n)),
+                "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"),
                 "parse_failures": int(part["pred"].isna().sum())}
     out = one(df)
     out["parse_failure_rate"] = out["parse_failures"] / out["n"] if out["n"] else float("nan")

@@ -103,6 +103,23 @@ def _out(t: pa.Table, rows: list[dict]) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------- backends
 
+def pinned_generation_config(spec: GenerationSpec, eos: list[int], pad_id: int | None):
+    """Every parameter that changes which token comes next, set explicitly: transformers fills each one a
+    caller leaves unset from the checkpoint's generation_config.json (Qwen2.5 ships repetition_penalty
+    1.05, top_k 20, top_p 0.8), so "greedy" would quietly mean something else per model."""
+    from transformers import GenerationConfig
+
+    # the samplers (temperature, top-p/k, min-p, typical, cutoffs) act only when sampling; the processors
+    # below act in greedy decoding too
+    sample = spec.temperature > 0
+    samplers = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0} if sample else {}
+    return GenerationConfig(
+        max_new_tokens=spec.max_tokens, do_sample=sample, num_beams=1, repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=[], begin_suppress_tokens=[],
+        eos_token_id=eos, pad_token_id=pad_id, **samplers)
+
+
 class HFGenerator:
     """transformers `generate` on one model copy; rows of a batch are sorted by length and left-padded.
     Sampling is seeded per batch (HF has no per-row seeds), so an hf sample depends on its batch."""
@@ -117,6 +134,7 @@ class HFGenerator:
         self.tok.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tok.eos_token_id])
+        self.generation_config = pinned_generation_config(spec, sorted(self.eos), self.tok.pad_token_id)
 
     def __call__(self, t: pa.Table) -> pa.Table:
         import torch
@@ -132,11 +150,8 @@ class HFGenerator:
             idx = order[s: s + self.spec.hf_micro_batch]
             batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(dev)
             torch.manual_seed(_row_seed(self.spec.seed, rows[idx[0]]["item_id"], rows[idx[0]]["sample_idx"]))
-            sample = self.spec.temperature > 0
             with torch.inference_mode():
-                gen = self.model.generate(
-                    **batch, max_new_tokens=self.spec.max_tokens, do_sample=sample, pad_token_id=self.tok.pad_token_id,
-                    **({"temperature": self.spec.temperature, "top_p": self.spec.top_p} if sample else {}))
+                gen = self.model.generate(**batch, generation_config=self.generation_config)
             for i, g in zip(idx, gen[:, batch["input_ids"].shape[1]:].tolist()):
                 end = next((k + 1 for k, tokid in enumerate(g) if tokid in self.eos), None)
                 out[i] = {"text": self.tok.decode(g[:end], skip_special_tokens=True), "prompt_tokens": len(ids[i]),

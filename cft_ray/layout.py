@@ -28,8 +28,10 @@ log = logging.getLogger("cft_ray")
 
 # ------------------------------------------------------------------------------------ directories
 
-# Which config sections decide each stage's output. Actor-pool sizes and micro-batch budgets are
-# left out (_drop_perf): they change speed, not results.
+# Which config sections decide each stage's output. Where and how many actors run is left out
+# (_drop_perf): it changes speed, not results. How rows are batched stays in: in bf16 a row's scores
+# move with the shape of its micro-batch (up to 0.17 nats measured), so a stage re-run or resumed
+# with other batching must not mix its rows with the old ones.
 STAGE_INPUTS = {
     "data": ["data"],
     "score": ["data", "student", "prompt", "score"],
@@ -52,9 +54,13 @@ def dir_hash(out: str) -> str:
     return out.rstrip("/").rsplit("-", 1)[-1]
 
 
+PLACEMENT = ("size", "num_cpus", "num_gpus", "resources", "max_restarts", "threads")  # an actor pool's
+
+
 def _drop_perf(d):
     if isinstance(d, dict):
-        return {k: _drop_perf(v) for k, v in d.items() if k not in ("pool", "token_budget")}
+        return {k: (_drop_perf({f: x for f, x in v.items() if f not in PLACEMENT}) if k == "pool" else _drop_perf(v))
+                for k, v in d.items()}
     return d
 
 
@@ -139,13 +145,14 @@ EXAMPLE_SCHEMA = pa.schema([
     pa.field("labels", pa.list_(pa.int32())),  # IGNORE = not trained
     pa.field("n_tokens", pa.int32()),
     pa.field("n_target", pa.int32()),  # trained labels (after the causal shift: position 0 never counts)
+    pa.field("n_answer", pa.int32()),  # tokens of the assistant turn (the data spent), whatever train.loss_on trains
     pa.field("truncated", pa.bool_()),
     pa.field("error", pa.string()),  # null for a usable example
 ])
 IGNORE = -100  # the label of a token that is not trained (torch's cross-entropy ignore_index)
 RESPONSE_SCHEMA = pa.schema([
     pa.field("item_id", pa.string()),
-    pa.field("resp_tokens", pa.int32()),  # scored response tokens (the assistant turn, end-of-turn included)
+    pa.field("resp_tokens", pa.int32()),  # scored response tokens (the assistant text; the template's end-of-turn excluded)
     pa.field("nll", pa.float32()),        # mean -log p(y_t | x, y_<t) over them, nats
     pa.field("entropy", pa.float32()),    # mean full-vocabulary entropy over them, nats
     pa.field("error", pa.string()),       # why the row has no score; null when scored

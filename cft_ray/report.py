@@ -49,11 +49,13 @@ def plot_arms(arms: dict, out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     w = 0.8 / max(1, len(sets))
     for k, s in enumerate(sets):
-        acc = [arms[a]["sets"][s]["accuracy"] for a in names]
-        se = [arms[a]["sets"][s]["stderr"] for a in names]
-        axes[0].bar(np.arange(len(names)) + k * w, acc, w, yerr=se, capsize=3, label=s)
+        parts = [arms[a]["sets"][s] for a in names]
+        acc = [p["accuracy"] for p in parts]
+        ci = [p.get("ci95") or [p["accuracy"] - p["stderr"], p["accuracy"] + p["stderr"]] for p in parts]
+        err = [[x - lo for x, (lo, _) in zip(acc, ci)], [hi - x for x, (_, hi) in zip(acc, ci)]]
+        axes[0].bar(np.arange(len(names)) + k * w, acc, w, yerr=err, capsize=3, label=s)
     axes[0].set_xticks(np.arange(len(names)) + w * (len(sets) - 1) / 2, names)
-    axes[0].set(ylabel="accuracy (± 1 s.e.)", title="held-out accuracy per arm")
+    axes[0].set(ylabel="accuracy (95% Wilson interval)", title="held-out accuracy per arm")
     axes[0].legend(fontsize=8)
     buckets = sorted({b for a in names for b in arms[a]["sets"]["test"]["by_bucket"]})
     w = 0.8 / max(1, len(names))
@@ -193,6 +195,15 @@ def _section_select(sel: str | None, rdir: str) -> list[str]:
     return lines
 
 
+def _acc(part: dict) -> str:
+    """Accuracy with its 95% Wilson interval (older runs: ± binomial s.e.)."""
+    if not part:
+        return "-"
+    if "ci95" in part:
+        return f"{part['accuracy']:.3f} [{part['ci95'][0]:.3f}, {part['ci95'][1]:.3f}]"
+    return f"{part['accuracy']:.3f} ± {part['stderr']:.3f}"
+
+
 def _section_arms(run_dir: str, rdir: str) -> list[str]:
     """Held-out accuracy and data spent per arm, CAFT's saving over distillation; draws the arm plots."""
     arms_path = store.join(run_dir, "arms.json")
@@ -203,11 +214,13 @@ def _section_arms(run_dir: str, rdir: str) -> list[str]:
     for a, v in arms.items():
         t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
         d = v["data_spent"]
-        rows.append([a, v["prompt"], f"{t['accuracy']:.3f} ± {t['stderr']:.3f}", t["n"],
-                     f"{b['accuracy']:.3f} ± {b['stderr']:.3f}" if b else "-", t["parse_failure_rate"],
+        epochs = " + ".join(f"{e:g}" for e in v.get("epochs", {}).values()) or "-"
+        rows.append([a, f"{v.get('mode', '?')}/{v['prompt']}", epochs, _acc(t), t["n"], _acc(b), t["parse_failure_rate"],
                      d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])
-    lines = ["## Arms: held-out accuracy and the data each spent", ""]
-    lines += _table(["arm", "prompt", "test acc ± s.e.", "n", "balanced acc ± s.e.", "parse failures",
+    lines = ["## Arms: held-out accuracy and the data each spent", "",
+             "Accuracy: share of test items answered right, with its 95% Wilson interval; protocol = evaluation mode / "
+             "prompt; epochs per training phase; data spent = supervised answer tokens x epochs.", ""]
+    lines += _table(["arm", "protocol", "epochs", "test acc [95% CI]", "n", "balanced acc [95% CI]", "parse failures",
                      "target tokens x epochs", "teacher calls", "teacher tokens out"], rows)
     if "caft" in arms and "distill" in arms and arms["distill"]["data_spent"]["target_tokens"]:
         saving = 1 - arms["caft"]["data_spent"]["target_tokens"] / arms["distill"]["data_spent"]["target_tokens"]
@@ -215,7 +228,30 @@ def _section_arms(run_dir: str, rdir: str) -> list[str]:
                       "(the paper's measure; paper: 81%)."]
     plot_arms(arms, store.join(rdir, "arms_accuracy.png"))
     plot_spent(arms, store.join(rdir, "arms_spent.png"))
-    return lines + ["", "![accuracy](arms_accuracy.png)", "", "![spent](arms_spent.png)", ""]
+    return lines + ["", "![accuracy](arms_accuracy.png)", "", "![spent](arms_spent.png)", ""] + _section_comparisons(run_dir)
+
+
+def _section_comparisons(run_dir: str) -> list[str]:
+    """The paired comparison table: difference, its bootstrap interval, exact McNemar p, significance."""
+    path = store.join(run_dir, "comparisons.json")
+    if not store.exists(path):
+        return []
+    comp = store.read_json(path)
+    rows = []
+    for r in comp["pairs"]:
+        for name in ("test", "test_balanced"):
+            c = r.get(name)
+            if c:
+                rows.append([f"{r['a']} vs {r['b']}", name, c["n"], f"{c['diff']:+.3f}",
+                             f"[{c['diff_ci95'][0]:+.3f}, {c['diff_ci95'][1]:+.3f}]", f"{c['n10']} / {c['n01']}",
+                             f"{c['p_value']:.3g}", "yes" if c["significant"] else "no", f"{c['detectable_diff']:.3f}",
+                             "same" if r["same_protocol"] else f"differ: {r['protocol_a']} vs {r['protocol_b']}"])
+    lines = ["## Paired comparisons (same test items)", "",
+             f"{comp['test']}; significant = p < {comp['alpha']}. 'detectable' is the smallest difference this many items "
+             "would show with power 0.8 at that discordance (normal approximation). A comparison across unlike "
+             "protocols compares the protocols as much as the arms.", ""]
+    return lines + _table(["comparison", "set", "n", "difference", "95% CI", "only a / only b right", "p (McNemar)",
+                           "significant", "detectable", "protocols"], rows) + [""]
 
 
 def _section_times(stages: dict) -> list[str]:

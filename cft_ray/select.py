@@ -27,12 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cft_ray import layout, metrics, models, prompts, store
-from cft_ray.arms import arm_cfg, rewrite_treatment
+from cft_ray.arms import rewrite_treatment
 from cft_ray.batching import MicroBatcher, left_pad
 from cft_ray.config import CftConfig, ConfigError
 from cft_ray.layout import IGNORE, RESPONSE_SCHEMA
 from cft_ray.split import seeded_subset
-from cft_ray.train import tokenize_examples, train_from_rows
+from cft_ray.train import template_tail, tokenize_examples, train_from_rows
 
 log = logging.getLogger("cft_ray")
 
@@ -56,7 +56,7 @@ class ResponseScorer:
         self.max_tokens = s.max_tokens
         # the full-vocabulary logits of every response position in a micro-batch exist at once
         self.batcher = MicroBatcher(s.token_budget, device=self.device,
-                                    fits=lambda chunk: len(chunk) * max(n for *_, n in chunk) <= s.logit_tokens)
+                                    fits=lambda chunk: len(chunk) * max(r[2] for r in chunk) <= s.logit_tokens)
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def __call__(self, t: pa.Table) -> pa.Table:
@@ -71,22 +71,26 @@ class ResponseScorer:
                 res[i]["error"] = f"no gold response: {e}"
         enc = []
         built = tokenize_examples(self.tok, pairs, self.max_tokens, "assistant", "keep_end") if pairs else []
-        for i, got in zip(todo, built):
+        tails = template_tail(self.tok, pairs) if pairs else []
+        for i, got, tail in zip(todo, built, tails):
             if isinstance(got, ValueError):
                 res[i]["error"] = f"cannot tokenise: {got}"
                 continue
             ids, labels, _ = got
-            # the response is a tail of the example (assistant turn; truncation keeps the end)
-            enc.append((i, ids, sum(x != IGNORE for x in labels[1:])))
+            # the assistant turn ends the example (truncation keeps the end); the response is that turn
+            # less the template's closing tokens, which every response shares and which measure nothing
+            n = sum(x != IGNORE for x in labels[1:])
+            enc.append((i, ids, n, min(tail, n - 1)))
         for (i, *_), reason in self.batcher.run(enc, lambda chunk: self._score(chunk, res)):
             res[i]["error"] = reason
         return pa.Table.from_pylist(res, schema=RESPONSE_SCHEMA)
 
-    def _score(self, chunk: list[tuple[int, list[int], int]], res: list[dict]) -> None:
+    def _score(self, chunk: list[tuple[int, list[int], int, int]], res: list[dict]) -> None:
+        """Each row: (index, ids, assistant-turn tokens, of which the template's closing tokens)."""
         import torch
 
-        width, longest = len(chunk[0][1]), max(n for _, _, n in chunk)
-        ids, mask, position_ids = left_pad([t for _, t, _ in chunk], self.tok.pad_token_id)  # responses end last
+        width, longest = len(chunk[0][1]), max(n for _, _, n, _ in chunk)
+        ids, mask, position_ids = left_pad([t for _, t, _, _ in chunk], self.tok.pad_token_id)  # turns end last
         dev = self.model.device
         kw = {"logits_to_keep": longest + 1} if self.keep_arg else {}
         with torch.inference_mode():
@@ -94,14 +98,16 @@ class ResponseScorer:
                                 position_ids=position_ids.to(dev), use_cache=False, **kw).logits
             logits = logits[:, -(longest + 1):-1]  # position p predicts token p + 1
             target = ids[:, width - longest:].to(dev)
-            scored = (torch.arange(longest)[None, :] >= torch.tensor([longest - n for _, _, n in chunk])[:, None]).to(dev)
+            pos = torch.arange(longest)[None, :]
+            scored = ((pos >= torch.tensor([longest - n for _, _, n, _ in chunk])[:, None])
+                      & (pos < torch.tensor([longest - tail for _, _, _, tail in chunk])[:, None])).to(dev)
             h, nll = metrics.entropy(logits[scored]), metrics.nll(logits[scored], target[scored])
             row = torch.arange(len(chunk), device=dev)[:, None].expand_as(scored)[scored]
-            n = torch.tensor([n for _, _, n in chunk], dtype=torch.float32, device=dev)
+            n = torch.tensor([n - tail for _, _, n, tail in chunk], dtype=torch.float32, device=dev)
             h_mean = torch.zeros(len(chunk), device=dev).index_add_(0, row, h) / n
             nll_mean = torch.zeros(len(chunk), device=dev).index_add_(0, row, nll) / n
-        for (i, _, k), hj, lj in zip(chunk, h_mean.tolist(), nll_mean.tolist()):
-            res[i].update(resp_tokens=k, nll=lj, entropy=hj)
+        for (i, _, k, tail), hj, lj in zip(chunk, h_mean.tolist(), nll_mean.tolist()):
+            res[i].update(resp_tokens=k - tail, nll=lj, entropy=hj)
 
 
 def respond(ds, cfg: CftConfig, model_dir: str, kind: str):
@@ -177,7 +183,8 @@ def select_instructdiff(ds, cfg: CftConfig, out: str, valid=None, cot=None) -> t
         scored_ds = ds.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),
                             num_partitions=max(2, int(ray.cluster_resources().get("CPU", 2))))
     train_rows = ds if valid is None else ds.union(valid)
-    wcfg = arm_cfg(cfg, "instructdiff")  # one shuffled phase
+    # the warm-up (not an arm): one shuffled phase of train.epochs
+    wcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"schedule": "merged"})})
     t0 = time.time()
     base = _pass(scored_ds, cfg, models.resolve(cfg.student), kind, store.join(out, "base"), n)
     timings, rounds = {"base_scores_s": round(time.time() - t0, 2)}, []

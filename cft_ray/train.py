@@ -67,6 +67,17 @@ def tokenize_examples(tok, examples: list[tuple[list[dict], str]], max_length: i
     return out
 
 
+def template_tail(tok, examples: list[tuple[list[dict], str]]) -> list[int]:
+    """Tokens the chat template appends after each assistant text (end-of-turn, newline): trained as part
+    of the assistant turn, but not the answer. Needs a fast tokenizer's offsets (else 0)."""
+    if not getattr(tok, "is_fast", False):
+        return [0] * len(examples)
+    full = [prompts.render(tok, m, assistant=a) for m, a in examples]
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [text.rfind(a) + len(a) for text, (_, a) in zip(full, examples)]
+    return [sum(1 for start, _ in offsets if start >= end) for offsets, end in zip(enc["offset_mapping"], ends)]
+
+
 class Tokenize:
     """Ray Data actor: routed rows (+ `text` on cot rows) -> EXAMPLE_SCHEMA rows, errors included."""
 
@@ -87,17 +98,20 @@ class Tokenize:
                 todo.append(i)
             except ValueError as e:
                 built[i] = e
-        for i, res in zip(todo, tokenize_examples(self.tok, pairs, self.max_length, self.loss_on, self.truncation)):
+        # the assistant span is located once; loss_on=all then trains every token of the same (truncated) ids
+        for i, res in zip(todo, tokenize_examples(self.tok, pairs, self.max_length, "assistant", self.truncation)):
             built[i] = res
         out = []
         for r, res in zip(rows, built):
             ok = not isinstance(res, ValueError)
-            ids, labels, trunc = res if ok else ([], [], False)
+            ids, answer, trunc = res if ok else ([], [], False)
+            labels = list(ids) if self.loss_on == "all" else answer
             # an instruction row's response is a direct target (its phase is the direct one)
             kind = "direct" if r["treatment"] == "instruction" else r["treatment"]
             out.append({"item_id": r["item_id"], "bucket": r.get("bucket"), "bucket_idx": r.get("bucket_idx"),
                         "split": r.get("split") or "train", "kind": kind, "input_ids": ids,
                         "labels": labels, "n_tokens": len(ids), "n_target": sum(x != IGNORE for x in labels[1:]),
+                        "n_answer": sum(x != IGNORE for x in answer[1:]),
                         "truncated": trunc, "error": None if ok else str(res)})
         return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
 
@@ -160,18 +174,19 @@ def pack(t: pa.Table, max_length: int) -> pa.Table:
             j = len(bins) - 1
         bins[j].append(i)
         room[j] -= len(ids[i])
-    n_target = t["n_target"].to_pylist()
-    out = {"input_ids": [], "labels": [], "position_ids": [], "n_tokens": [], "n_target": [], "n_rows": []}
+    counted = {c: t[c].to_pylist() for c in ("n_target", "n_answer") if c in t.column_names}
+    out = {"input_ids": [], "labels": [], "position_ids": [], "n_tokens": [], **{c: [] for c in counted}, "n_rows": []}
     for b in bins:
         out["input_ids"].append([x for i in b for x in ids[i]])
         out["labels"].append([x for i in b for x in [IGNORE] + labels[i][1:]])
         out["position_ids"].append([p for i in b for p in range(len(ids[i]))])
         out["n_tokens"].append(sum(len(ids[i]) for i in b))
-        out["n_target"].append(sum(n_target[i] for i in b))
+        for c, per_row in counted.items():
+            out[c].append(sum(per_row[i] for i in b))
         out["n_rows"].append(len(b))
     return pa.table(out, schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                                            ("position_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
-                                           ("n_target", pa.int32()), ("n_rows", pa.int32())]))
+                                           *((c, pa.int32()) for c in counted), ("n_rows", pa.int32())]))
 
 
 def resolve_phases(tc: TrainConfig, buckets: list[str]) -> list[Phase]:
@@ -189,17 +204,17 @@ def resolve_phases(tc: TrainConfig, buckets: list[str]) -> list[Phase]:
 
 
 def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
-    """Usable train/valid examples -> (plan, datasets): per phase the selected rows, shuffled with the
+    """Usable train/valid examples -> (phases, datasets): per phase the selected rows, shuffled with the
     run seed, packed if configured, materialised (epochs re-read them, resumes replay them), and the
-    step count every worker will run. Phases without rows are kept in the plan with 0 steps."""
+    step count every worker will run. Phases without rows are kept in the list with 0 steps."""
     from ray.data.expressions import col
 
     tc = cfg.train
     ok = examples.filter(expr=col("error").is_null()).materialize()
     buckets = cfg.split.buckets()  # easiest first, as the split named them (no shuffle job to find out)
     global_batch = tc.num_workers * tc.micro_batch * tc.grad_accum
-    plan, datasets = [], {}
-    keep = ["input_ids", "labels", "n_tokens", "n_target"]
+    phases, datasets = [], {}
+    keep = ["input_ids", "labels", "n_tokens", "n_target", "n_answer"]
     for i, ph in enumerate(resolve_phases(tc, buckets)):
         sel = col("kind").is_in(list(ph.treatments))
         if ph.buckets is not None:
@@ -210,7 +225,8 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         train = train.materialize()
         valid = ok.filter(expr=sel & (col("split") == "valid")).select_columns(keep).materialize()
         rows, n_valid = train.count(), valid.count()
-        sums = train.sum(["n_tokens", "n_target"]) if rows else {"sum(n_tokens)": 0, "sum(n_target)": 0}
+        sums = train.sum(["n_tokens", "n_target", "n_answer"]) if rows else \
+            {"sum(n_tokens)": 0, "sum(n_target)": 0, "sum(n_answer)": 0}
         # drop_last per epoch: every worker runs the same number of full steps (collectives never
         # wait on a worker that ran out of rows); the tail rows move with the per-epoch shuffle.
         spe = (rows // tc.num_workers) // (tc.micro_batch * tc.grad_accum)
@@ -220,7 +236,8 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         entry = {"name": ph.name, "treatments": list(ph.treatments), "buckets": ph.buckets, "epochs": ph.epochs,
                  "rows": rows, "valid_rows": n_valid, "steps_per_epoch": spe,
                  "steps": max(1, round(ph.epochs * spe)) if spe else 0,
-                 "tokens_per_epoch": int(sums["sum(n_tokens)"] or 0), "target_tokens_per_epoch": int(sums["sum(n_target)"] or 0),
+                 "tokens_per_epoch": int(sums["sum(n_tokens)"] or 0), "target_tokens_per_epoch": int(sums["sum(n_answer)"] or 0),
+                 "trained_tokens_per_epoch": int(sums["sum(n_target)"] or 0),
                  "rows_unused_per_epoch": rows - spe * global_batch, "dataset": f"train_{i}",
                  "valid": f"valid_{i}" if n_valid >= tc.num_workers else None}
         entry["data_spent_target_tokens"] = round(entry["target_tokens_per_epoch"] * ph.epochs) if spe else 0
@@ -232,10 +249,10 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
             datasets[entry["dataset"]] = train
             if entry["valid"]:
                 datasets[entry["valid"]] = valid
-        plan.append(entry)
-    if not any(p["steps"] for p in plan):
+        phases.append(entry)
+    if not any(p["steps"] for p in phases):
         raise ConfigError("train: no phase has training rows (check routing, teacher output and the schedule)")
-    return plan, datasets
+    return phases, datasets
 
 
 def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) -> str:
@@ -250,7 +267,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     tc = cfg.train
     started = time.time()
     init_dir = init_from or models.resolve(cfg.student)
-    plan, datasets = phase_datasets(examples, cfg)
+    phases, datasets = phase_datasets(examples, cfg)
     tok = models.load_tokenizer(cfg.student, init_dir)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))}
     if not tc.use_gpu:
@@ -258,7 +275,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     storage = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(mode="json"), "plan": plan, "model_dir": init_dir,
+        train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "model_dir": init_dir,
                            "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=tc.resources_per_worker or None),
@@ -282,7 +299,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
             pafs.copy_files(src, f"{out}/{sub}", source_filesystem=ckpt.filesystem, destination_filesystem=fs)
     with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
         state = json.loads(f.read())
-    manifest = _manifest(cfg, plan, state, time.time() - started, init_dir)
+    manifest = _manifest(cfg, phases, state, time.time() - started, init_dir)
     manifest["config_hash"] = layout.dir_hash(out_dir)
     store.write_json(store.join(out_dir, "train_manifest.json"), manifest)
     log.info("train: %d steps, %.0f tokens/s, MFU %s -> %s", manifest["steps"], manifest["tokens_per_s"],
@@ -290,7 +307,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     return store.join(out_dir, "model")
 
 
-def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init_dir: str) -> dict:
+def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, init_dir: str) -> dict:
     """Throughput from the surviving history (step compute time only), MFU = model FLOPs / time / peak.
     FLOPs per token: 6N for full fine-tuning; 4N + 6 x trainable for LoRA (no weight gradients of
     the frozen base)."""
@@ -301,12 +318,12 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
     flops_per_token = 6 * n if tc.method == "full" else 4 * n + 6 * trainable
     tps = tokens / step_s if step_s else 0.0
     mfu = tps * flops_per_token / (tc.peak_tflops * 1e12 * tc.num_workers) if tc.peak_tflops else None
-    phases = []
-    for p in plan:
+    reported = []
+    for p in phases:
         seen = [h for h in hist if h["phase"] == p["name"]]
-        phases.append({**{k: v for k, v in p.items() if k not in ("dataset", "valid")},
-                       "seen_target_tokens": sum(h["target_tokens"] for h in seen),
-                       "valid_loss": state["valid"].get(p["name"])})
+        reported.append({**{k: v for k, v in p.items() if k not in ("dataset", "valid")},
+                         "seen_target_tokens": sum(h["target_tokens"] for h in seen),
+                         "valid_loss": state["valid"].get(p["name"])})
     return {"stage": "train", "init_from": init_dir,
             "method": tc.method, "schedule": tc.schedule, "loss_on": tc.loss_on, "packing": tc.packing,
             "zero_stage": tc.zero_stage, "precision": tc.precision, "num_workers": tc.num_workers,
@@ -314,8 +331,8 @@ def _manifest(cfg: CftConfig, plan: list[dict], state: dict, wall_s: float, init
             "steps": state["step"], "params": n, "trainable_params": trainable,
             "tokens": tokens, "tokens_per_s": round(tps, 2), "step_time_s": round(step_s, 3), "wall_s": round(wall_s, 3),
             "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": tc.peak_tflops,
-            "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in plan),
-            "phases": phases, "resumes": state["resumes"], "checkpoints": state["checkpoints"],
+            "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in phases),
+            "phases": reported, "resumes": state["resumes"], "checkpoints": state["checkpoints"],
             "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
 
 

@@ -139,7 +139,7 @@ class Run:
     """One worker's run: what setup builds and every later step reads. `state` is what
     trainer_state.json holds (step, history, checkpoints, resumes, valid, done, tag)."""
     tc: TrainConfig
-    plan: list
+    phases: list
     model_dir: str
     trust_remote_code: bool
     rank: int
@@ -174,7 +174,7 @@ def train_loop(config: dict) -> None:
     run.last_ckpt = time.time()  # the checkpoint timer starts with the loop
     run.engine.train()
     offset = 0
-    for phase_index, ph in enumerate(run.plan):
+    for phase_index, ph in enumerate(run.phases):
         end = offset + ph["steps"]
         if run.state["step"] < end:
             _train_phase(run, phase_index, ph, offset, end)
@@ -209,14 +209,14 @@ def _setup(config: dict) -> Run:
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
         trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=tc.use_gpu)
-    total_steps = sum(p["steps"] for p in config["plan"])
+    total_steps = sum(p["steps"] for p in config["phases"])
     schedule = functools.partial(lr_factor, warmup=tc.warmup_steps, total=total_steps, shape=tc.lr_schedule)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
              "params": n_params, "trainable_params": n_trainable}
-    return Run(tc=tc, plan=config["plan"], model_dir=config["model_dir"],
+    return Run(tc=tc, phases=config["phases"], model_dir=config["model_dir"],
                trust_remote_code=config["trust_remote_code"], rank=rank, world=world, device=device,
                engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),
                total_steps=total_steps, state=state, hf_ds_config=hf_ds_config)

@@ -64,3 +64,37 @@ def test_hash_is_stable_and_keys_stage_dirs():
     d = load_config(None, ["score.pool.size=2"])
     assert stage_dir(a, "score") == stage_dir(d, "score")
     assert stage_dir(a, "data") != stage_dir(load_config(None, ["data.limit=10"]), "data")
+
+
+def test_batching_is_part_of_the_score_and_select_dirs():
+    """bf16 scores depend on the micro-batch a row ran in: other batching = another stage dir, never a
+    resume that mixes rows scored both ways (the budget once sat outside the hash)."""
+    a = load_config()
+    for stage, ov in (("score", "score.token_budget=8192"), ("score", "score.pool.batch_size=128"),
+                      ("score", "score.max_padding=0.5"), ("select", "select.token_budget=8192"),
+                      ("select", "select.logit_tokens=512")):
+        assert stage_dir(a, stage) != stage_dir(load_config(None, [ov]), stage), ov
+    for ov in ("score.pool.size=[1,4]", "score.pool.num_cpus=2", "score.pool.threads=1", "score.pool.max_restarts=0"):
+        assert stage_dir(a, "score") == stage_dir(load_config(None, [ov]), "score"), ov
+
+
+def test_overriding_one_pool_field_keeps_the_sections_defaults():
+    """`score.pool.size=2` once rebuilt the pool from ActorPool's defaults: batch 64 instead of the score
+    pool's 256, silently changing the batching (and the stage dir)."""
+    cfg = load_config(None, ["score.pool.size=2", "teach.pool.num_cpus=2"])
+    assert (cfg.score.pool.size, cfg.score.pool.batch_size) == (2, 256)
+    assert (cfg.teach.pool.num_cpus, cfg.teach.pool.batch_size) == (2, 16)
+    assert load_config(None, ["data.columns.answer=gold"]).data.columns.answer == "gold"
+
+
+def test_length_budgets_that_contradict_each_other_fail_naming_the_field():
+    """Defaults once had teacher 1024 tokens, train cap 1024 (a CoT example lost its question) and eval
+    512 tokens (CoT answers cut and counted wrong)."""
+    ok = load_config(None, ["arms=[base, caft]"])
+    assert ok.train.max_length > ok.teach.max_tokens and ok.eval.max_new_tokens >= ok.teach.max_tokens
+    with pytest.raises(ConfigError, match="train.max_length"):
+        load_config(None, ["arms=[base, caft]", "train.max_length=1024"])
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        load_config(None, ["arms=[base, distill]", "eval.max_new_tokens=512"])
+    load_config(None, ["arms=[base, sft]", "eval.max_new_tokens=512", "train.max_length=512"])  # no CoT arm
+    load_config(None, ["arms=[base, caft]", "eval.mode=direct", "eval.max_new_tokens=8"])  # nothing decoded

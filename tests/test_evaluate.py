@@ -1,5 +1,6 @@
 """Evaluate stage: direct (option-restricted argmax) vs generate (parse the last [[k]]) on a model
-trained here to answer "[[k]]", accuracy bookkeeping, the random-routing subset."""
+trained here to answer "[[k]]", accuracy bookkeeping, the eval engine's own resources. The arm recipes
+and the random-routing subset are tests/test_arms.py."""
 from __future__ import annotations
 
 import math

@@ -20,7 +20,7 @@ from cft_ray.config import load_config
 from cft_ray.layout import stage_dir
 
 # The embedded default's arms. All six arms trained on this tiny run once (issue 7's note); each arm costs
-# ~2 min here, so CI runs these two (arm recipes and data spent are also covered in test_evaluate.py).
+# ~2 min here, so CI runs these two (every arm's recipe, budget and routing: tests/test_arms.py; data spent: tests/test_train.py).
 ARMS = ["base", "caft"]
 
 
@@ -33,7 +33,7 @@ def tiny_run_overrides(run_dir, model_dir, arms=ARMS) -> list[str]:
             "teach.policy=keep_all",  # a random teacher is rarely right: keep its outputs so CoT phases have rows
             "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
             "train.precision=fp32", "train.max_length=512", "train.checkpoint_every_steps=100", "train.pool.size=1",
-            "eval.mode=generate", "eval.backend=hf", "eval.max_new_tokens=8", "eval.pool.batch_size=8",
+            "eval.mode=generate", "eval.backend=hf", "eval.max_new_tokens=12", "eval.pool.batch_size=8",
             "teach.hf_micro_batch=8", f"arms=[{','.join(arms)}]"]
 
 
@@ -105,7 +105,9 @@ def test_arms_train_evaluate_and_report(tiny_run):
     test_n = pq.read_table(store.join(stage_dir(cfg, "split"), "test")).num_rows
     for a, v in arms.items():
         t = v["sets"]["test"]
-        assert t["n"] == test_n and 0 <= t["accuracy"] <= 1, a
+        correct = pq.read_table(store.join(v["eval_dir"], "predictions"), columns=["correct"])["correct"].to_pylist()
+        assert t["n"] == test_n == len(correct) and t["accuracy"] == pytest.approx(sum(correct) / len(correct)), a
+        assert t["ci95"][0] <= t["accuracy"] <= t["ci95"][1], a
         assert set(t["by_bucket"]) <= {"easy", "medium", "hard"}
         assert "test_balanced" in v["sets"]
     spent = {a: v["data_spent"] for a, v in arms.items()}
@@ -124,6 +126,9 @@ def test_arms_train_evaluate_and_report(tiny_run):
     text = open(report).read()
     for section in ("## Score", "## Split", "## Teach", "## Arms", "## Time per stage", "## Plan vs actual"):
         assert section in text, section
+    comp = store.read_json(store.join(cfg.run_dir, "comparisons.json"))["pairs"]
+    assert [(r["a"], r["b"]) for r in comp] == [("caft", "base")] and comp[0]["test"]["n"] == test_n
+    assert "## Paired comparisons (same test items)" in text and "| caft vs base | test |" in text
     for png in ("arms_accuracy.png", "arms_spent.png", "score_roc.png", "split_distribution.png"):
         assert os.path.getsize(os.path.join(os.path.dirname(report), png)) > 1000, png
     # the cost plan made before the run against what the stages counted: the stated factors (README)

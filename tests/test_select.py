@@ -13,7 +13,7 @@ from cft_ray import metrics, prompts, store
 from cft_ray.config import ConfigError, load_config
 from cft_ray.arms import arm_treatment
 from cft_ray.select import choose, respond, select_instructdiff
-from cft_ray.train import IGNORE, tokenize_examples
+from cft_ray.train import IGNORE, template_tail, tokenize_examples
 
 
 def test_length_normalised_nll_and_entropy_on_hand_built_logits():
@@ -41,6 +41,9 @@ def _direct(model, tok, row, kind):
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
     tgt = torch.tensor(labels[1:])
     keep = tgt != IGNORE
+    tail = template_tail(tok, [pair])[0]  # the template's end-of-turn tokens are not the response
+    if tail:
+        keep[torch.nonzero(keep).flatten()[-tail:]] = False
     logp = torch.log_softmax(logits[keep], -1)
     nll = -logp.gather(1, tgt[keep][:, None]).squeeze(1)
     h = -(logp.exp() * logp).sum(-1)
@@ -136,3 +139,16 @@ def test_two_rounds_on_instruction_data(ray_local, tiny_model_dir, tmp_path):
     # a re-run finds every pass and every training run finished: same table
     again, _, _ = select_instructdiff(ray_local.data.from_items(rows), cfg, out)
     assert again.equals(table)
+
+
+def test_response_tokens_are_the_answer_not_the_template(tiny_model_dir, items):
+    """A direct answer "[[k]]" under ChatML is 3 tokens + "<|im_end|>" + newline: InstructDiff once scored
+    all 5, so dNLL/dH mostly measured how well a model learned the template's closing tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pair = prompts.example(items[0], "direct")
+    marker = tok(pair[1], add_special_tokens=False)["input_ids"]
+    ids, labels, _ = tokenize_examples(tok, [pair], 2048)[0]
+    turn = sum(x != IGNORE for x in labels[1:])
+    assert template_tail(tok, [pair]) == [turn - len(marker)] and turn - len(marker) == 2

@@ -11,7 +11,7 @@ import pytest
 
 from cft_ray import prompts
 from cft_ray.config import load_config
-from cft_ray.train import IGNORE, build_examples, pack, resolve_phases, tokenize_examples
+from cft_ray.train import IGNORE, build_examples, pack, phase_datasets, resolve_phases, tokenize_examples
 from conftest import LLAMA3_TEMPLATE, QWEN_TEMPLATE, build_tiny
 
 BUCKETS = ["easy", "medium", "hard"]
@@ -128,6 +128,23 @@ def test_build_examples_keeps_errors(ray_local, tiny_model_dir):
     assert set(good.kind) == {"direct", "cot"} and (good.n_target > 0).all()
     assert (good.n_tokens == good.input_ids.map(len)).all()
     assert set(good[good.kind == "cot"].bucket) == {"hard"}
+
+
+def test_data_spent_counts_answer_tokens_whatever_loss_on(ray_local, tiny_model_dir):
+    """loss_on=all (the paper's) trains prompt tokens too; data spent, the paper's measure, counts the
+    answer tokens only, so it is the same under both settings (it once counted every trained token)."""
+    rows = routed_rows(24)
+    spent = {}
+    for loss_on in ("assistant", "all"):
+        cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1", f"train.loss_on={loss_on}",
+                                 "train.micro_batch=2", "train.num_workers=1"])
+        ex = build_examples(ray_local.data.from_items(rows), ray_local.data.from_items(teacher_cot(rows)), cfg)
+        phases, _ = phase_datasets(ex, cfg)
+        spent[loss_on] = [(p["target_tokens_per_epoch"], p["trained_tokens_per_epoch"], p["data_spent_target_tokens"])
+                          for p in phases]
+    assert [s[0] for s in spent["all"]] == [s[0] for s in spent["assistant"]] and all(s[0] > 0 for s in spent["all"])
+    assert [s[2] for s in spent["all"]] == [s[2] for s in spent["assistant"]]
+    assert all(s[1] > 3 * s[0] for s in spent["all"]) and all(s[1] == s[0] for s in spent["assistant"])
 
 
 # --- real training runs ------------------------------------------------------------------------

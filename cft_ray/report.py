@@ -52,7 +52,7 @@ def plot_arms(arms: dict, out: str) -> None:
         parts = [arms[a]["sets"][s] for a in names]
         acc = [p["accuracy"] for p in parts]
         ci = [p.get("ci95") or [p["accuracy"] - p["stderr"], p["accuracy"] + p["stderr"]] for p in parts]
-        err = [[x - lo for x, (lo, _) in zip(acc, ci)], [hi - x for x, (_, hi) in zip(acc, ci)]]
+        err = [[max(0.0, x - lo) for x, (lo, _) in zip(acc, ci)], [max(0.0, hi - x) for x, (_, hi) in zip(acc, ci)]]
         axes[0].bar(np.arange(len(names)) + k * w, acc, w, yerr=err, capsize=3, label=s)
     axes[0].set_xticks(np.arange(len(names)) + w * (len(sets) - 1) / 2, names)
     axes[0].set(ylabel="accuracy (95% Wilson interval)", title="held-out accuracy per arm")

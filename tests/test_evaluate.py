@@ -56,7 +56,7 @@ def marker_model(tmp_path_factory, smollm2_dir):
 
 
 def _cfg(model_dir, mode):
-    return load_config(None, [f"student.name={model_dir}", "student.dtype=float32", f"eval.mode={mode}",
+    return load_config(None, [f"student.name={model_dir}", "student.dtype=float32", f"eval.mode={mode}", "arms=[base]",
                               "eval.backend=hf", "eval.max_new_tokens=12", "eval.pool.batch_size=8", "teach.hf_micro_batch=8"])
 
 

@@ -12,6 +12,8 @@ def test_wilson_matches_known_intervals():
     assert stats.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # Wald would say [0, 0]
     assert stats.wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     assert all(np.isnan(stats.wilson(0, 0)))
+    for n in range(1, 60):  # the interval holds the estimate itself, also at 0/n and n/n (float rounding)
+        assert all(stats.wilson(k, n)[0] <= k / n <= stats.wilson(k, n)[1] for k in (0, n // 2, n))
 
 
 def test_mcnemar_counts_only_discordant_items():

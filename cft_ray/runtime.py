@@ -19,8 +19,10 @@ def init_ray(cfg: RayConfig):
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=int(cfg.object_store_gb * 2**30),
-                     include_dashboard=False, log_to_driver=True)
+            # address="local": a new local Ray, as documented, even when another Ray runs on this machine
+            # (Ray would otherwise join it and refuse num_cpus)
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
+                     object_store_memory=int(cfg.object_store_gb * 2**30), include_dashboard=False, log_to_driver=True)
         log.info("ray: %s", ray.cluster_resources())
     # the driver plans every read, so its DataContext decides the reader for the whole cluster
     ctx = ray.data.DataContext.get_current()

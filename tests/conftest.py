@@ -14,7 +14,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     from cft_ray.config import RayConfig
     from cft_ray.runtime import init_ray

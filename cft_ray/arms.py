@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from cft_ray import layout, store, teach
 from cft_ray.config import COT_ARMS, SELECT_ARMS, CftConfig, ConfigError, Phase, config_hash
-from cft_ray.evaluate import eval_mode, evaluate_on_split
+from cft_ray.evaluate import eval_modes, evaluate_on_split, predictions_dir
 from cft_ray.split import seeded_subset
 from cft_ray.stats import compare
 from cft_ray.train import train_from_rows
@@ -270,9 +270,11 @@ def run_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], dirs: 
     train_s = time.time() - started
     kind = prompt_kind(cfg, arm)
     e0 = time.time()
-    sets = evaluate_on_split(cfg, model_dir, kind, layout.stage_dir(cfg, "split"), eval_dir)
-    metrics = {"arm": arm, "model_dir": model_dir, "mode": eval_mode(cfg, kind), "prompt": kind,
-               "sets": sets, "data_spent": data_spent(cfg, train_dir, routed_cot),
+    by_mode = {m: evaluate_on_split(cfg, model_dir, kind, layout.stage_dir(cfg, "split"), eval_dir, m)
+               for m in eval_modes(cfg)}
+    sets = by_mode[cfg.eval.mode]
+    metrics = {"arm": arm, "model_dir": model_dir, "mode": cfg.eval.mode, "prompt": kind,
+               "sets": sets, "by_mode": by_mode, "data_spent": data_spent(cfg, train_dir, routed_cot),
                "cot_rows": len(used_cot), "train_s": round(train_s, 2), "eval_s": round(time.time() - e0, 2)}
     if train_dir:
         tm = store.read_json(store.join(train_dir, "train_manifest.json"))
@@ -303,7 +305,8 @@ def run_arms(cfg: CftConfig) -> str:
     out = store.join(cfg.run_dir, "arms.json")
     store.write_json(out, {a: {"eval_dir": dirs[a][1], "train_dir": dirs[a][0],
                                "epochs": summary[a].get("epochs", {}),
-                               **{k: summary[a][k] for k in ("sets", "data_spent", "prompt", "mode")}} for a in cfg.arms})
+                               **{k: summary[a].get(k) for k in ("sets", "by_mode", "data_spent", "prompt", "mode")}}
+                           for a in cfg.arms})
     return out
 
 
@@ -316,23 +319,26 @@ def compared_pairs(arms: list[str]) -> list[tuple[str, str]]:
 
 
 def compare_arms(cfg: CftConfig, dirs: dict, summary: dict) -> dict:
-    """Paired comparisons on the shared test items (test and test_balanced): exact McNemar p-value,
-    bootstrap interval of the difference, the smallest difference the set could detect. Each side
-    says under which protocol (eval mode + prompt) it was evaluated: unlike protocols are flagged."""
+    """Paired comparisons on the shared test items (test and test_balanced), under each protocol, every
+    arm evaluated alike: exact McNemar p-value, bootstrap interval of the difference, the smallest
+    difference the set could detect. `pairs` are the headline protocol's; each pair names the prompt
+    each arm answered (direct or cot: part of the arm's treatment)."""
     split_dir = layout.stage_dir(cfg, "split")
     sets = {"test": None} | ({"test_balanced": set(layout.split_ids(split_dir, "test_balanced"))} if cfg.eval.balanced else {})
-    correct = {a: store.columns(store.join(dirs[a][1], "predictions"), ["item_id", "correct"]).to_pandas()
-               .set_index("item_id")["correct"] for a in cfg.arms}
     out: dict = {"alpha": 0.05, "test": "exact McNemar (two-sided) on the discordant items; 95% paired bootstrap "
-                 "interval of the accuracy difference (10,000 resamples of items)", "pairs": []}
-    for a, b in compared_pairs(list(cfg.arms)):
-        row = {"a": a, "b": b, "protocol_a": f"{summary[a]['mode']}/{summary[a]['prompt']}",
-               "protocol_b": f"{summary[b]['mode']}/{summary[b]['prompt']}"}
-        row["same_protocol"] = row["protocol_a"] == row["protocol_b"]
-        for name, ids in sets.items():
-            both = correct[a].to_frame("a").join(correct[b].to_frame("b"), how="inner")
-            if ids is not None:
-                both = both[both.index.isin(ids)]
-            row[name] = compare(both["a"].to_numpy(bool), both["b"].to_numpy(bool), seed=cfg.split.seed)
-        out["pairs"].append(row)
+                 "interval of the accuracy difference (10,000 resamples of items)", "protocol": cfg.eval.mode, "by_mode": {}}
+    for mode in eval_modes(cfg):
+        correct = {a: store.columns(predictions_dir(dirs[a][1], mode, cfg), ["item_id", "correct"]).to_pandas()
+                   .set_index("item_id")["correct"] for a in cfg.arms}
+        pairs = []
+        for a, b in compared_pairs(list(cfg.arms)):
+            row = {"a": a, "b": b, "prompt_a": summary[a]["prompt"], "prompt_b": summary[b]["prompt"]}
+            for name, ids in sets.items():
+                both = correct[a].to_frame("a").join(correct[b].to_frame("b"), how="inner")
+                if ids is not None:
+                    both = both[both.index.isin(ids)]
+                row[name] = compare(both["a"].to_numpy(bool), both["b"].to_numpy(bool), seed=cfg.split.seed)
+            pairs.append(row)
+        out["by_mode"][mode] = pairs
+    out["pairs"] = out["by_mode"][cfg.eval.mode]
     return out

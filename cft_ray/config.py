@@ -233,7 +233,8 @@ class TrainConfig(_Base):
 
 
 class EvalConfig(_Base):
-    mode: Literal["direct", "generate", "auto"] = Field("generate", description="direct = argmax over option labels (cheap, exact); generate = decode and parse [[k]] (the paper's protocol); auto = direct for direct-prompt arms, generate for CoT arms.")
+    mode: Literal["direct", "generate"] = Field("generate", description="The headline protocol, the same for every arm: generate = decode and parse the last [[k]] (the paper's); direct = the option label whose whole answer '[[k]]' is likeliest after the direct prompt (one forward, never unparseable).")
+    extra_modes: list[Literal["direct", "generate"]] = Field(default_factory=list, description="Further protocols every arm is also evaluated under, reported in their own tables: [direct] costs one forward per item.")
     max_new_tokens: int = Field(1024, ge=1, description="Decode budget in generate mode: CoT arms need room, direct arms need ~5.")
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation backend: vllm when installed, else transformers.")
     pool: ActorPool = Field(default_factory=ActorPool, description="Evaluation actors.")
@@ -245,6 +246,21 @@ class EvalConfig(_Base):
     accelerator_type: str | None = Field(None, description="vllm: GPU type the evaluation engines must run on; None = any.")
     cpu_kv_cache_gb: int = Field(2, ge=1, description="vllm on a CPU pool: KV cache GiB per evaluation engine (VLLM_CPU_KVCACHE_SPACE).")
     hf_micro_batch: int = Field(8, ge=1, description="hf backend: sequences per generate call inside an actor batch.")
+
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _no_auto(cls, v):
+        if v == "auto":  # it evaluated direct arms by argmax and CoT arms by generation, in one table
+            raise ValueError("'auto' mixed two protocols in one table and is gone: set generate (the paper's) or direct, "
+                             "and eval.extra_modes=[the other] to see both")
+        return v
+
+    @model_validator(mode="after")
+    def _extra_differs(self):
+        if self.mode in self.extra_modes or len(set(self.extra_modes)) < len(self.extra_modes):
+            raise ValueError(f"extra_modes {self.extra_modes} repeats a protocol (eval.mode is {self.mode})")
+        return self
 
 
 class SelectConfig(_Base):
@@ -336,7 +352,7 @@ def _length_budgets_of(cfg: "CftConfig") -> None:
     if cfg.train.max_length <= t:
         raise ValueError(f"train.max_length: {cfg.train.max_length} <= teach.max_tokens={t}: a CoT example (prompt + "
                          "the teacher's text) would lose its question or its answer; raise train.max_length")
-    if cfg.eval.mode != "direct" and cfg.eval.max_new_tokens < t:
+    if "generate" in [cfg.eval.mode, *cfg.eval.extra_modes] and cfg.eval.max_new_tokens < t:
         raise ValueError(f"eval.max_new_tokens: {cfg.eval.max_new_tokens} < teach.max_tokens={t}: a CoT arm answers "
                          "at the teacher's length, and a cut answer counts as wrong; raise eval.max_new_tokens")
 

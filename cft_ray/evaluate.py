@@ -1,10 +1,12 @@
 """Step 5 (evaluate): the held-out accuracy of a given model on the split's test rows.
 
-Modes: `direct` reads the argmax over the option labels at the first answer position (after "[[";
-cheap, exact; the score stage's Scorer on the eval pool); `generate` decodes (greedy unless
-configured) and parses the last [[k]], unparseable = wrong (cft_ray.generate, with the eval section's
-own engine settings). The prompt is the one the model was trained on (`kind`: direct or cot); which
-model and which prompt is the arms' decision (cft_ray.arms).
+Protocols (modes), each applied to every arm alike: `generate` decodes (greedy unless configured)
+the prompt the arm was trained on (`kind`: direct or cot) and parses the last [[k]], unparseable =
+wrong (cft_ray.generate, with the eval section's own engine settings): the paper's protocol.
+`direct` reads the direct prompt and picks the label k whose whole answer "k]]" is likeliest after
+"[[" (the score stage's Scorer on the eval pool: one forward, exact for labels 10..20). `eval.mode`
+is the headline protocol, `eval.extra_modes` the others reported beside it. Which model and which
+prompt is the arms' decision (cft_ray.arms).
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ from cft_ray.stats import wilson
 META = ["item_id", "bucket", "category", "subject", "answer"]
 
 
-def eval_mode(cfg: CftConfig, kind: str) -> str:
-    """eval.mode, with auto = direct for direct-prompt arms (exact and cheap), generate for CoT arms."""
-    if cfg.eval.mode == "auto":
-        return "direct" if kind == "direct" else "generate"
-    return cfg.eval.mode
+def eval_modes(cfg: CftConfig) -> list[str]:
+    """The protocols every arm is evaluated under, the headline first."""
+    return [cfg.eval.mode, *cfg.eval.extra_modes]
+
+
+def predictions_dir(eval_dir: str, mode: str, cfg: CftConfig) -> str:
+    """`<eval_dir>/predictions` under the headline protocol, `predictions_<mode>` under the others."""
+    return store.join(eval_dir, "predictions" if mode == cfg.eval.mode else f"predictions_{mode}")
 
 
 def eval_spec(cfg: CftConfig, model_dir: str, kind: str) -> GenerationSpec:
@@ -59,11 +64,12 @@ def _generated_preds(t: pa.Table) -> pa.Table:
                      "completion_tokens": t["completion_tokens"], "error": t["error"]}, schema=PRED_SCHEMA)
 
 
-def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str):
-    """Test rows -> PRED_SCHEMA rows for the model in `model_dir`, prompted with `kind` (direct|cot).
-    Direct mode always reads the direct prompt (a CoT arm has no single answer position)."""
+def evaluate(test_ds, model_dir: str, cfg: CftConfig, kind: str, mode: str):
+    """Test rows -> PRED_SCHEMA rows for the model in `model_dir` under protocol `mode`, generating from
+    the `kind` prompt (direct|cot). Direct mode always reads the direct prompt (a CoT arm has no single
+    answer position)."""
     items = test_ds.select_columns(ITEM_SCHEMA.names)
-    if eval_mode(cfg, kind) == "direct":
+    if mode == "direct":
         model = cfg.student.model_copy(update={"name": model_dir})
         return score(items, cfg, prompt="direct", model=model, pool=cfg.eval.pool).map_batches(
             _direct_preds, batch_format="pyarrow")
@@ -86,12 +92,12 @@ def accuracy(df) -> dict:
     return out
 
 
-def evaluate_on_split(cfg: CftConfig, model_dir: str, kind: str, split_dir: str, eval_dir: str) -> dict:
-    """Predict every test row once (test_balanced is a subset: one engine start), write
-    `<eval_dir>/predictions`, and return the metric sets {test, test_balanced}."""
-    pdir = store.join(eval_dir, "predictions")
+def evaluate_on_split(cfg: CftConfig, model_dir: str, kind: str, split_dir: str, eval_dir: str, mode: str) -> dict:
+    """Predict every test row once under protocol `mode` (test_balanced is a subset: one engine start),
+    write its predictions dir, and return the metric sets {test, test_balanced}."""
+    pdir = predictions_dir(eval_dir, mode, cfg)
     store.reset(pdir)
-    evaluate(layout.load_split(split_dir, "test"), model_dir, cfg, kind).write_parquet(pdir)
+    evaluate(layout.load_split(split_dir, "test"), model_dir, cfg, kind, mode).write_parquet(pdir)
     preds = store.columns(pdir, [c for c in PRED_SCHEMA.names if c != "text"]).to_pandas()
     df = store.columns(store.join(split_dir, "test"), META).to_pandas().merge(preds, on="item_id", how="left")
     if len(preds) != len(df) or df["correct"].isna().any():  # every test row gets exactly one prediction

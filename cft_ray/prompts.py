@@ -105,6 +105,7 @@ def example(row: Mapping, kind: str, scheme: Scheme = "numbers") -> tuple[list[d
 
 # Direct-prompt scoring reads the answer right after this assistant prefix (= the SFT target's head).
 DIRECT_PREFIX = "[["
+DIRECT_SUFFIX = "]]"
 
 
 def marker(answer: int, scheme: Scheme = "numbers") -> str:

@@ -119,7 +119,7 @@ def _section_setup(run: dict, run_dir: str) -> list[str]:
         f"- train: {cfg['train']['method']}, lr {cfg['train']['lr']}, epochs/phase {cfg['train']['epochs']}, "
         f"effective batch {cfg['train']['micro_batch'] * cfg['train']['grad_accum'] * cfg['train']['num_workers']}, "
         f"ZeRO-{cfg['train']['zero_stage']}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
-        f"- evaluation: {cfg['eval']['mode']} mode, max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
+        f"- evaluation: {cfg['eval']['mode']} protocol (also {cfg['eval'].get('extra_modes') or 'none'}), max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
         f"- config hash `{run.get('config_hash')}`; versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v), ""]
 
 
@@ -204,23 +204,34 @@ def _acc(part: dict) -> str:
     return f"{part['accuracy']:.3f} ± {part['stderr']:.3f}"
 
 
+PROTOCOLS = {"generate": "greedy decoding of the arm's own prompt, last [[k]] parsed (unparseable = wrong)",
+             "direct": "direct prompt, the label whose whole answer '[[k]]' is likeliest (one forward)"}
+
+
 def _section_arms(run_dir: str, rdir: str) -> list[str]:
-    """Held-out accuracy and data spent per arm, CAFT's saving over distillation; draws the arm plots."""
+    """Held-out accuracy and data spent per arm under the headline protocol (other protocols as extra
+    columns), CAFT's saving over distillation; draws the arm plots."""
     arms_path = store.join(run_dir, "arms.json")
     if not store.exists(arms_path):
         return []
     arms = store.read_json(arms_path)
+    headline = next(iter(arms.values())).get("mode", "?")
+    extra = [m for m in next(iter(arms.values())).get("by_mode") or {} if m != headline]
     rows = []
     for a, v in arms.items():
         t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
         d = v["data_spent"]
         epochs = " + ".join(f"{e:g}" for e in v.get("epochs", {}).values()) or "-"
-        rows.append([a, f"{v.get('mode', '?')}/{v['prompt']}", epochs, _acc(t), t["n"], _acc(b), t["parse_failure_rate"],
+        rows.append([a, v["prompt"], epochs, _acc(t), t["n"], _acc(b), t["parse_failure_rate"],
+                     *[_acc(v["by_mode"][m]["test"]) for m in extra],
                      d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])
     lines = ["## Arms: held-out accuracy and the data each spent", "",
-             "Accuracy: share of test items answered right, with its 95% Wilson interval; protocol = evaluation mode / "
-             "prompt; epochs per training phase; data spent = supervised answer tokens x epochs.", ""]
-    lines += _table(["arm", "protocol", "epochs", "test acc [95% CI]", "n", "balanced acc [95% CI]", "parse failures",
+             f"Protocol: **{headline}** for every arm ({PROTOCOLS.get(headline, headline)})"
+             + "".join(f"; also {m} ({PROTOCOLS.get(m, m)})" for m in extra) + ". Accuracy: share of test items "
+             "answered right, with its 95% Wilson interval; prompt = what the arm was trained to answer; epochs per "
+             "training phase; data spent = supervised answer tokens x epochs.", ""]
+    lines += _table(["arm", "prompt", "epochs", "test acc [95% CI]", "n", "balanced acc [95% CI]", "parse failures",
+                     *[f"{m}: test acc [95% CI]" for m in extra],
                      "target tokens x epochs", "teacher calls", "teacher tokens out"], rows)
     if "caft" in arms and "distill" in arms and arms["distill"]["data_spent"]["target_tokens"]:
         saving = 1 - arms["caft"]["data_spent"]["target_tokens"] / arms["distill"]["data_spent"]["target_tokens"]
@@ -232,26 +243,26 @@ def _section_arms(run_dir: str, rdir: str) -> list[str]:
 
 
 def _section_comparisons(run_dir: str) -> list[str]:
-    """The paired comparison table: difference, its bootstrap interval, exact McNemar p, significance."""
+    """The paired comparison table, per protocol (the headline first): difference, its bootstrap
+    interval, exact McNemar p, significance."""
     path = store.join(run_dir, "comparisons.json")
     if not store.exists(path):
         return []
     comp = store.read_json(path)
     rows = []
-    for r in comp["pairs"]:
-        for name in ("test", "test_balanced"):
-            c = r.get(name)
-            if c:
-                rows.append([f"{r['a']} vs {r['b']}", name, c["n"], f"{c['diff']:+.3f}",
-                             f"[{c['diff_ci95'][0]:+.3f}, {c['diff_ci95'][1]:+.3f}]", f"{c['n10']} / {c['n01']}",
-                             f"{c['p_value']:.3g}", "yes" if c["significant"] else "no", f"{c['detectable_diff']:.3f}",
-                             "same" if r["same_protocol"] else f"differ: {r['protocol_a']} vs {r['protocol_b']}"])
-    lines = ["## Paired comparisons (same test items)", "",
+    for mode, pairs in comp["by_mode"].items():
+        for r in pairs:
+            for name in ("test", "test_balanced"):
+                c = r.get(name)
+                if c:
+                    rows.append([f"{r['a']} vs {r['b']}", mode, name, c["n"], f"{c['diff']:+.3f}",
+                                 f"[{c['diff_ci95'][0]:+.3f}, {c['diff_ci95'][1]:+.3f}]", f"{c['n10']} / {c['n01']}",
+                                 f"{c['p_value']:.3g}", "yes" if c["significant"] else "no", f"{c['detectable_diff']:.3f}"])
+    lines = ["## Paired comparisons (same test items, same protocol)", "",
              f"{comp['test']}; significant = p < {comp['alpha']}. 'detectable' is the smallest difference this many items "
-             "would show with power 0.8 at that discordance (normal approximation). A comparison across unlike "
-             "protocols compares the protocols as much as the arms.", ""]
-    return lines + _table(["comparison", "set", "n", "difference", "95% CI", "only a / only b right", "p (McNemar)",
-                           "significant", "detectable", "protocols"], rows) + [""]
+             f"would show with power 0.8 at that discordance (normal approximation). Headline protocol: {comp['protocol']}.", ""]
+    return lines + _table(["comparison", "protocol", "set", "n", "difference", "95% CI", "only a / only b right",
+                           "p (McNemar)", "significant", "detectable"], rows) + [""]
 
 
 def _section_times(stages: dict) -> list[str]:

@@ -16,9 +16,14 @@ labels 10..19 start with the token of "1" and 20 with that of "2": for items wit
 distinct first tokens and `ce_gold` for gold 10..20 is -log p(first token) (mass shared with 1/2).
 `pred` stays exact: when the argmax is such a shared first token, one more greedy step decides
 between "1" and "1x", as `generate` would. Use `prompt.labels=letters` when >9 options matter.
+
+Direct-mode evaluation (`prompt="direct"`) picks the option by its whole answer: `pred_options` is the
+argmax over labels k of log P("k]]" | prompt + "[["), the first token from the prompt's logits and the
+rest teacher-forced on copies of the prompt's KV cache. The closing "]]" is what tells "1" from "10".
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
@@ -33,7 +38,7 @@ from cft_ray import layout, metrics, models, store
 from cft_ray.batching import MicroBatcher, left_pad
 from cft_ray.config import ActorPool, CftConfig, ConfigError, ModelConfig
 from cft_ray.layout import ITEM_SCHEMA, SCORE_FIELDS, SCORE_SCHEMA
-from cft_ray.prompts import DIRECT_PREFIX, label_to_index, labels, messages, render
+from cft_ray.prompts import DIRECT_PREFIX, DIRECT_SUFFIX, label_to_index, labels, messages, render
 
 log = logging.getLogger("cft_ray")
 
@@ -46,15 +51,16 @@ def prompt_text(tok, item, kind: str, scheme: str, fallback: bool) -> str:
     return text + DIRECT_PREFIX if kind == "direct" else text
 
 
-def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str = "score") -> dict[str, list[int]]:
-    """Token ids of every label (1..20 or A..T, plus "0" under fallback) as the model would emit
-    them right after the prompt (so template-specific merges are respected)."""
+def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str = "score",
+                 suffix: str = "") -> dict[str, list[int]]:
+    """Token ids of every label (1..20 or A..T, plus "0" under fallback), followed by `suffix`, as the
+    model would emit them right after the prompt (so template-specific merges are respected)."""
     prompt = prompt_text(tok, {"question": "?", "options": ["x", "y"]}, kind, scheme, fallback)
     head = tok(prompt, add_special_tokens=False).input_ids
     out = {}
     for lab in labels(MAX_OPTIONS, scheme) + (["0"] if fallback else []):
-        ids = tok(prompt + lab, add_special_tokens=False).input_ids
-        ids = ids[len(head):] if ids[:len(head)] == head else tok(lab, add_special_tokens=False).input_ids
+        ids = tok(prompt + lab + suffix, add_special_tokens=False).input_ids
+        ids = ids[len(head):] if ids[:len(head)] == head else tok(lab + suffix, add_special_tokens=False).input_ids
         if not ids:
             raise ConfigError(f"tokenizer produces no token for label {lab!r}")
         out[lab] = ids
@@ -84,6 +90,9 @@ class Scorer:
         # Per option count n: each label's first token, and the first tokens shared by >1 label.
         self.first = {n: [first[lab] for lab in labels(n, self.scheme)] for n in range(1, MAX_OPTIONS + 1)}
         self.shared = {n: {t for t in ids if ids.count(t) > 1} for n, ids in self.first.items()}
+        # Direct evaluation: each label's whole answer "k]]", in label order.
+        self.answers = list(label_tokens(self.tok, self.scheme, False, prompt, DIRECT_SUFFIX).values()) \
+            if prompt == "direct" else None
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if not self.keep_arg:
             log.warning("%s.forward has no logits_to_keep: full logits are computed (more memory)",
@@ -138,14 +147,18 @@ class Scorer:
         dev = self.model.device
         with torch.inference_mode():
             logits, past = self._forward(ids.to(dev), mask.to(dev), position_ids.to(dev),
-                                         use_cache=two_step)
+                                         use_cache=two_step or self.answers is not None)
             h = metrics.entropy(logits)
             h_opt = metrics.subset_entropy(logits, opt.to(dev), opt_mask.to(dev))
             ce = metrics.nll(logits, gold.to(dev))
             pmax, margin, arg = metrics.top2(logits)
-            # Restricted argmax: masked-out slots get -inf; ties go to the lowest label like argmax does.
-            opt_logits = logits.gather(1, opt.to(dev)).masked_fill(~opt_mask.to(dev), float("-inf"))
-            opt_best = opt[torch.arange(len(chunk)), opt_logits.argmax(-1).cpu()].tolist()
+            if self.answers is not None:
+                answer_lp = self._answer_logprobs(logits, past, mask.to(dev), position_ids.to(dev), ns)
+                pred_opt = [max(range(n), key=lp.__getitem__) for n, lp in zip(ns, answer_lp)]
+            else:  # restricted argmax: masked-out slots get -inf; ties go to the lowest label like argmax does
+                opt_logits = logits.gather(1, opt.to(dev)).masked_fill(~opt_mask.to(dev), float("-inf"))
+                best = opt[torch.arange(len(chunk)), opt_logits.argmax(-1).cpu()].tolist()
+                pred_opt = [self.first[n].index(t) for n, t in zip(ns, best)]
             arg_l = arg.tolist()
             second = [None] * len(chunk)
             if two_step and any(a in self.shared[n] for a, n in zip(arg_l, ns)):
@@ -160,8 +173,38 @@ class Scorer:
             text = first_text if second[j] is None else self.tok.decode([arg_l[j], second[j]])
             res[i].update(entropy=h_j, entropy_options=ho_j, ce_gold=ce_j, max_prob=p_j, margin=m_j,
                           argmax_id=arg_l[j], argmax_token=first_text, pred=self._parse(text, ns[j]),
-                          pred_options=self.first[ns[j]].index(opt_best[j]),
+                          pred_options=pred_opt[j],
                           padded_tokens=width)
+
+    def _answer_logprobs(self, logits, past, mask, position_ids, ns: list[int]) -> list[list[float]]:
+        """log P("k]]" | prompt) of every option label k of every row: the first token from `logits`, the
+        rest teacher-forced on row copies of the prompt's KV cache, at most score.token_budget cached
+        tokens at a time (the copies are what costs memory)."""
+        import torch
+
+        first_lp = torch.log_softmax(logits, -1)
+        cands = [(j, k, self.answers[k]) for j, n in enumerate(ns) for k in range(n)]
+        out = [[0.0] * n for n in ns]
+        step = max(1, self.batcher.budget // mask.shape[1])
+        for s in range(0, len(cands), step):
+            part = cands[s: s + step]
+            rows = torch.tensor([j for j, _, _ in part], device=mask.device)
+            lp = first_lp[rows, torch.tensor([c[0] for *_, c in part], device=mask.device)].tolist()
+            width = max(len(c) for *_, c in part) - 1
+            if width:
+                ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+                for r, (*_, c) in enumerate(part):  # right-padded: a pad only follows the tokens that count
+                    ids[r, :len(c) - 1] = torch.tensor(c[:-1])
+                m = torch.cat([mask[rows], torch.ones((len(part), width), dtype=mask.dtype, device=mask.device)], 1)
+                pos = position_ids[rows, -1:] + 1 + torch.arange(width, device=mask.device)
+                nxt = self.model(input_ids=ids.to(mask.device), attention_mask=m, position_ids=pos,
+                                 past_key_values=_cache_rows(past, rows), use_cache=True).logits.float()
+                nxt = torch.log_softmax(nxt, -1)
+                for r, (*_, c) in enumerate(part):
+                    lp[r] += sum(nxt[r, t, c[t + 1]].item() for t in range(len(c) - 1))
+            for (j, k, _), v in zip(part, lp):
+                out[j][k] = v
+        return out
 
     def _parse(self, text: str, n: int) -> int | None:
         if self.scheme == "numbers":  # "1" + "." -> "1"; "1" + "0" -> "10"
@@ -181,6 +224,14 @@ class Scorer:
         extra = [f for f in batch.schema if f.name not in SCORE_SCHEMA.names]  # e.g. bucket, in evaluation
         return pa.Table.from_arrays(cols + [batch.column(f.name) for f in extra],
                                     schema=pa.schema([*SCORE_SCHEMA, *extra]))
+
+
+def _cache_rows(past, rows):
+    """A KV cache holding `rows` of `past` (repeats allowed), leaving `past` as it is."""
+    sub = copy.copy(past)
+    sub.layers = [copy.copy(layer) for layer in past.layers]
+    sub.batch_select_indices(rows)
+    return sub
 
 
 def score(ds, cfg: CftConfig, prompt: str = "score", model: ModelConfig | None = None, pool: ActorPool | None = None):

@@ -72,13 +72,16 @@ def test_arm_recipes_route_the_same_rows(ray_local, tmp_path):
     assert arms.teacher_coverage(["caft", "random_routing"]) == {"routed", "random"}
 
 
-def _predictions(eval_dir: str, correct: list[bool]) -> None:
+def _predictions(eval_dir: str, correct: list[bool], name: str = "predictions") -> None:
     store.write_table(pa.table({"item_id": [f"i{k:03d}" for k in range(len(correct))], "correct": correct}),
-                      store.join(eval_dir, "predictions", "part-0.parquet"))
+                      store.join(eval_dir, name, "part-0.parquet"))
 
 
 def test_paired_comparisons_and_their_report_table(tmp_path):
-    cfg = load_config(None, [f"run_dir={tmp_path}", "arms=[base, sft, caft]", "eval.balanced=false"])
+    """Every protocol gets its own comparisons, each pairing predictions made under that protocol only
+    (eval.mode: auto once put base's argmax beside caft's generation in one table)."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "arms=[base, sft, caft]", "eval.balanced=false",
+                             "eval.extra_modes=[direct]"])
     n = 200
     base = np.zeros(n, bool)
     base[:60] = True                      # 0.30
@@ -90,8 +93,11 @@ def test_paired_comparisons_and_their_report_table(tmp_path):
     dirs = {a: (None, str(tmp_path / f"eval-{a}")) for a in ("base", "sft", "caft")}
     for a, c in (("base", base), ("sft", sft), ("caft", caft)):
         _predictions(dirs[a][1], list(c))
+        _predictions(dirs[a][1], list(base), "predictions_direct")  # under direct, all three answer alike
     summary = {a: {"mode": "generate", "prompt": "cot" if a == "caft" else "direct"} for a in dirs}
     comp = arms.compare_arms(cfg, dirs, summary)
+    assert comp["protocol"] == "generate" and comp["pairs"] == comp["by_mode"]["generate"]
+    assert all(r["test"]["diff"] == 0 and r["test"]["n10"] == r["test"]["n01"] == 0 for r in comp["by_mode"]["direct"])
     pairs = {(r["a"], r["b"]): r for r in comp["pairs"]}
     assert list(pairs) == [("sft", "base"), ("caft", "base"), ("caft", "sft")]
     cb = pairs[("caft", "base")]["test"]
@@ -99,7 +105,7 @@ def test_paired_comparisons_and_their_report_table(tmp_path):
     assert cb["significant"] and cb["p_value"] < 1e-6 and cb["diff_ci95"][0] > 0
     sb = pairs[("sft", "base")]["test"]
     assert not sb["significant"] and sb["p_value"] == pytest.approx(0.25)  # 3 of 3 discordant: 2 / 2^3
-    assert pairs[("sft", "base")]["same_protocol"] and not pairs[("caft", "base")]["same_protocol"]
+    assert (pairs[("caft", "base")]["prompt_a"], pairs[("caft", "base")]["prompt_b"]) == ("cot", "direct")
     store.write_json(store.join(cfg.run_dir, "comparisons.json"), comp)
     text = "\n".join(report._section_comparisons(cfg.run_dir))
-    assert "| caft vs base | test | 200 | +0.175 |" in text and "differ: generate/cot vs generate/direct" in text
+    assert "| caft vs base | generate | test | 200 | +0.175 |" in text and "| caft vs base | direct | test | 200 | +0.000 |" in text

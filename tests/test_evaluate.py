@@ -17,21 +17,22 @@ from cft_ray.train import IGNORE, tokenize_examples
 from conftest import build_tiny
 
 
-def _items(n: int) -> list[dict]:
+def _items(n: int, options: int = 4) -> list[dict]:
     return [{"item_id": f"q{k}", "question": f"Which option is right for case {k * 7919 % 1000}?",
-             "options": [f"choice {c}" for c in "wxyz"], "answer": k % 4, "subject": "logic",
-             "category": "stem" if k % 2 else "other", "source": "test"} for k in range(n)]
+             "options": [f"choice {c}" for c in "abcdefghijklmnopqrst"[:options]], "answer": k % options,
+             "subject": "logic", "category": "stem" if k % 2 else "other", "source": "test"} for k in range(n)]
 
 
 @pytest.fixture(scope="module")
 def marker_model(tmp_path_factory, smollm2_dir):
-    """A tiny model fine-tuned here until it answers every item's gold "[[k]]" (direct prompt)."""
+    """A tiny model fine-tuned here until it answers every item's gold "[[k]]" (direct prompt); 12
+    options, so the golds include 10, 11 and 12 (whose first token is SmolLM2's "1")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = build_tiny(tmp_path_factory.mktemp("marker"), smollm2_dir, layers=1)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    items = _items(12)
+    items = _items(12, options=12)
     enc = tokenize_examples(tok, [(prompts.direct_messages(it), prompts.marker(it["answer"])) for it in items], 1024)
     width = max(len(ids) for ids, _, _ in enc)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _, _ in enc])
@@ -75,7 +76,44 @@ def test_direct_equals_generate_on_a_marker_trained_model(ray_local, marker_mode
     assert (d["pred"] == g["pred"]).all() and (d["correct"] == g["correct"]).all()
     acc = d["correct"].mean()
     assert acc == g["correct"].mean() and acc > 0.9  # trained answers, not chance
+    # gold 10..12: a first-token argmax reads "1" and can never pick them (issue 17, defect 4)
+    assert d.loc[["q9", "q10", "q11"], "correct"].all(), d.loc[["q9", "q10", "q11"], ["pred", "text"]]
     assert (g["completion_tokens"] > 0).all() and g["text"].str.contains(r"\[\[").all()
+
+
+@pytest.mark.heavy
+def test_direct_mode_picks_the_label_with_the_likeliest_whole_answer(marker_model):
+    """pred_options of the direct prompt = argmax over k of log P("k]]" | prompt + "[["), each computed here
+    by a plain forward of the whole sequence (no cache): the scorer's cached, batched, row-copied version
+    must agree, on the marker model's 12-option items (it answers 10..12 on some) and on items of 4 to 20
+    options (labels 10..20 share their first token with 1 and 2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cft_ray.config import ModelConfig
+    from cft_ray.score import Scorer, prompt_text
+
+    model_dir, trained, _ = marker_model
+    cfg = load_config(None, ["score.token_budget=600"])  # several cache copies per micro-batch
+    scorer = Scorer(cfg, prompt="direct", model=ModelConfig(name=model_dir, dtype="float32"))
+    more = [it | {"item_id": f"x{k}", "options": (it["options"] * 5)[:n], "answer": 0}
+            for k, (it, n) in enumerate(zip(_items(7), (4, 9, 10, 15, 20, 19, 13)))]
+    items = trained + more
+    got = scorer(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)).to_pylist()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    picks = []
+    for it, row in zip(items, got):
+        head = tok(prompt_text(tok, it, "direct", "numbers", False), add_special_tokens=False).input_ids
+        lps = []
+        for lab in prompts.labels(len(it["options"])):
+            ids = tok(prompt_text(tok, it, "direct", "numbers", False) + lab + "]]", add_special_tokens=False).input_ids
+            with torch.no_grad():
+                lp = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].float(), -1)
+            lps.append(sum(lp[t - 1, ids[t]].item() for t in range(len(head), len(ids))))
+        picks.append(max(range(len(lps)), key=lps.__getitem__))
+        assert row["error"] is None
+    assert [r["pred_options"] for r in got] == picks
+    assert any(p >= 9 for p in picks), "some pick must be a label >= 10, or labels 10..20 go untested"
 
 
 def test_accuracy_stderr_parse_failures_and_groups():

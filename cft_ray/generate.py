@@ -25,7 +25,7 @@ import pyarrow as pa
 from cft_ray import models
 from cft_ray.config import ActorPool, ConfigError, ModelConfig
 from cft_ray.layout import SAMPLE_SCHEMA
-from cft_ray.prompts import labels, messages, parse_marker, render
+from cft_ray.prompts import labels, messages, parse_marker, prompt_ids
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -141,8 +141,7 @@ class HFGenerator:
 
         rows = _rows(t)
         scheme = self.spec.labels
-        prompts = [render(self.tok, messages(self.kind, r, scheme)) for r in rows]
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [prompt_ids(self.tok, messages(self.kind, r, scheme)) for r in rows]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [None] * len(ids)
         dev = self.model.device
@@ -276,9 +275,7 @@ def vllm_processor_config(spec: GenerationSpec, path: str | None = None):
     pc_cfg = vLLMEngineProcessorConfig(
         model_source=path, engine_kwargs=engine, batch_size=spec.pool.batch_size, concurrency=spec.pool.size,
         accelerator_type=spec.accelerator_type, should_continue_on_error=True, log_engine_metrics=False,
-        # On a CPU pool the engine holds the cores; a templating actor reserving even a fraction
-        # of one leaves the read tasks (1 CPU each) unschedulable on a small node: a deadlock.
-        chat_template_stage={"enabled": True, **({"num_cpus": 0} if cpu else {})}, tokenize_stage=False,
+        chat_template_stage=False, tokenize_stage=False,  # token ids come from vllm_request (as on hf)
         detokenize_stage=False,  # the engine already returns the text
         placement_group_config=_bundles(spec) if cpu or spec.pool.resources else None,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kv_cache_gb)}} if cpu else None)
@@ -289,16 +286,9 @@ def _vllm(ds, spec: GenerationSpec):
     """The vLLM processor over `ds`: chat template stage -> engine stage -> our sample columns."""
     from ray.data.llm import build_processor
 
-    scheme, prompt = spec.labels, spec.prompt
-    pc_cfg = vllm_processor_config(spec)
+    path = models.resolve(spec.model)
+    pc_cfg = vllm_processor_config(spec, path)
     max_tokens = spec.max_tokens
-
-    def pre(row):
-        params = {"temperature": spec.temperature, "top_p": spec.top_p, "max_tokens": max_tokens,
-                  "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
-        if spec.constrain_format:
-            params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(spec))}
-        return {**row, "messages": messages(prompt, row, scheme), "sampling_params": params}
 
     def post(row):  # success rows only: ray.data.llm passes failed rows through untouched
         n = int(row.get("num_generated_tokens") or 0)
@@ -309,8 +299,24 @@ def _vllm(ds, spec: GenerationSpec):
                 "finish_reason": "error" if aborted else ("length" if n >= max_tokens else "stop"),
                 "error": "engine error: no tokens (request aborted)" if aborted else None}
 
-    return build_processor(pc_cfg, preprocess=pre, postprocess=post)(ds).map_batches(
+    return build_processor(pc_cfg, preprocess=lambda row: vllm_request(spec, path, row), postprocess=post)(ds).map_batches(
         _vllm_failed_rows, batch_format="pyarrow", batch_size=None)
+
+
+_TOKENIZERS: dict[str, object] = {}  # per worker process: the tokenizer of each model path
+
+
+def vllm_request(spec: GenerationSpec, path: str, row: dict) -> dict:
+    """One engine request: the prompt as token ids (prompts.prompt_ids, the hf backend's ids: a text
+    prompt would be re-tokenized by vLLM with the tokenizer's BOS added), and every sampling parameter."""
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = models.load_tokenizer(spec.model, path)
+    params = {"temperature": spec.temperature, "top_p": spec.top_p, "max_tokens": spec.max_tokens,
+              "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
+    if spec.constrain_format:
+        params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), spec.labels, text_budget(spec))}
+    return {**row, "tokenized_prompt": prompt_ids(_TOKENIZERS[path], messages(spec.prompt, row, spec.labels)),
+            "sampling_params": params}
 
 
 def _bundles(spec) -> dict:

@@ -141,3 +141,10 @@ def render(tokenizer, messages: Sequence[dict], assistant: str | None = None) ->
     """Chat-template text; with `assistant` the full example, else the prompt + generation header."""
     msgs = list(messages) + ([{"role": "assistant", "content": assistant}] if assistant is not None else [])
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=assistant is None)
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """The prompt's token ids as every backend feeds them (transformers and vLLM alike): the rendered
+    chat text tokenized without the tokenizer's own special tokens, since the template already holds
+    them (a BOS-adding tokenizer would put a second <|begin_of_text|> before Llama-3's)."""
+    return tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]

@@ -3,6 +3,7 @@ generation_config.json says (it once leaked repetition_penalty, n-gram bans and 
 "greedy" evaluation and teaching)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -51,3 +52,32 @@ def test_hf_greedy_ignores_the_checkpoints_generation_config(tiny_model_dir, ite
     assert got == want
     assert leaked != want  # the test can tell: the checkpoint's penalties change greedy output
     assert gen.generation_config.repetition_penalty == 1.0 and gen.generation_config.do_sample is False
+
+
+def test_vllm_gets_the_hf_backends_token_ids_one_bos(smollm2_dir, items, tmp_path):
+    """A Llama-3-style template writes its own BOS and the tokenizer adds one too: the text prompt that
+    went to vLLM was re-tokenized there with the tokenizer's BOS, so vLLM saw two where hf saw one.
+    The vLLM request now carries the ids the hf backend feeds (one BOS); a test run on the real engine
+    (test_teach.py) checks the engine counts the same prompt tokens."""
+    from transformers import AutoTokenizer
+
+    from cft_ray.generate import vllm_request
+    from conftest import LLAMA3_TEMPLATE, build_tiny
+
+    d = build_tiny(tmp_path / "bos", smollm2_dir, LLAMA3_TEMPLATE, layers=1)
+    AutoTokenizer.from_pretrained(d, add_bos_token=True).save_pretrained(d)  # a BOS-adding tokenizer
+    spec = GenerationSpec(section="eval", backend="vllm", model=ModelConfig(name=d, dtype="float32"), prompt="cot",
+                          labels="numbers", pool=ActorPool(), max_tokens=10)
+    gen = HFGenerator(dataclasses.replace(spec, backend="hf"))
+    tok = gen.tok
+    bos = tok.bos_token_id
+    for it in items[:3]:
+        row = {**it, "sample_idx": 0}
+        req = vllm_request(spec, d, row)
+        text = render(tok, messages("cot", row, "numbers"))
+        assert req["tokenized_prompt"] == tok(text, add_special_tokens=False)["input_ids"]
+        assert req["tokenized_prompt"].count(bos) == 1 and req["tokenized_prompt"][0] == bos
+        assert tok(text)["input_ids"][:2] == [bos, bos], "the text path doubles the BOS: the test can tell"
+        hf = gen(pa.Table.from_pylist([row]))["prompt_tokens"].to_pylist()
+        assert hf == [len(req["tokenized_prompt"])]
+        assert req["sampling_params"]["temperature"] == 0.0 and req["sampling_params"]["max_tokens"] == 10

@@ -333,7 +333,8 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
             "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": tc.peak_tflops,
             "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in phases),
             "phases": reported, "resumes": state["resumes"], "checkpoints": state["checkpoints"],
-            "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "lr", "grad_norm")} for h in hist]}
+            "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "target_tokens", "lr", "grad_norm")}
+                           for h in hist]}
 
 
 def train_from_rows(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None) -> str:

@@ -8,6 +8,7 @@ import json
 
 import pyarrow as pa
 import pytest
+import torch
 
 from cft_ray import prompts
 from cft_ray.config import load_config
@@ -153,14 +154,46 @@ RUN = ["train.micro_batch=2", "train.epochs=3", "train.lr=2e-3", "train.checkpoi
        "train.lora_r=8", "train.lora_alpha=16", "train.precision=fp32", "train.zero_stage=2", "train.max_failures=2"]
 
 
-def _train(ray, model_dir, out, extra=()):
+def _train(ray, model_dir, out, extra=(), rows=None):
     from cft_ray.train import train
 
-    rows = routed_rows()
+    rows = rows or routed_rows()
     cfg = load_config(None, [f"student.name={model_dir}", "train.pool.size=1", *RUN, *extra])
     ex = build_examples(ray.data.from_items(rows), ray.data.from_items(teacher_cot(rows)), cfg)
     model = train(ex, cfg, str(out))
     return model, json.loads((out / "train_manifest.json").read_text())
+
+
+@pytest.mark.heavy
+def test_loss_is_the_token_mean_whatever_the_worker_x_accumulation_layout(ray_local, tiny_model_dir, tmp_path):
+    """One epoch over the same 32 examples at a negligible learning rate, as 1 worker x 4 accumulation
+    steps and as 2 workers x 2: the steps' losses, weighted by their target tokens, must both equal the
+    initial model's mean loss per supervised token over all 32 examples, computed here in one process
+    (a per-micro-batch or per-worker mean, or a row lost or repeated by the sharding, would not)."""
+    from transformers import AutoModelForCausalLM
+
+    rows = routed_rows(36)  # 32 train rows: an effective batch of 8 divides them under both layouts
+    cfg = load_config(None, [f"student.name={tiny_model_dir}"])
+    ex = [e for e in build_examples(ray_local.data.from_items(rows), ray_local.data.from_items(teacher_cot(rows)), cfg)
+          .take_all() if e["split"] == "train"]
+    assert len(ex) == 32
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    total = n = 0
+    with torch.no_grad():
+        for e in ex:
+            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1]
+            lab = torch.tensor(e["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, lab, ignore_index=IGNORE, reduction="sum").item()
+            n += int((lab != IGNORE).sum())
+    want = total / n
+    for workers, accum in ((1, 4), (2, 2)):
+        _, m = _train(ray_local, tiny_model_dir, tmp_path / f"w{workers}", [
+            "train.schedule=merged", "train.epochs=1", "train.lr=1e-12",
+            f"train.num_workers={workers}", f"train.grad_accum={accum}", "train.micro_batch=2"], rows=rows)
+        curve = m["loss_curve"]
+        assert len(curve) == 4 and sum(h["target_tokens"] for h in curve) == n, (workers, accum)
+        got = sum(h["loss"] * h["target_tokens"] for h in curve) / n
+        assert got == pytest.approx(want, rel=1e-4), (workers, accum)
 
 
 @pytest.mark.heavy

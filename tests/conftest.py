@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,14 +39,18 @@ def smollm2_dir(model_cache):
     return resolve(ModelConfig(cache_dir=model_cache))
 
 
-def build_tiny(out_dir, tokenizer_dir, chat_template: str | None = None, seed: int = 0, layers: int = 2):
-    """A randomly initialised Llama-architecture model with a real tokenizer: fast, deterministic."""
+def build_tiny(out_dir, tokenizer_dir, chat_template: str | None = None, seed: int = 0, layers: int = 2,
+               special: dict | None = None):
+    """A randomly initialised Llama-architecture model with a real tokenizer: fast, deterministic.
+    `special`: another model's special tokens (bos_token, eos_token, additional_special_tokens)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if chat_template is not None:
         tok.chat_template = chat_template
+    if special:
+        tok.add_special_tokens(special)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -72,6 +77,16 @@ def lora_run(ray_local, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     return (out, *_train(ray_local, tiny_model_dir, out))
 
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+# The paper's students: their hub chat templates (tests/fixtures/templates/README.md) and special tokens.
+PAPER_STUDENTS = {
+    "qwen2.5": ("qwen2.5-instruct.jinja", {"eos_token": "<|im_end|>"}),
+    "phi-4-mini": ("phi-4-mini-instruct.jinja", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                   "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"]}),
+    "llama-3.2": ("llama-3.2-instruct.jinja", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                  "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]}),
+}
 
 QWEN_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

@@ -61,7 +61,7 @@ def test_response_scorer_equals_direct_computation(ray_local, tiny_model_dir, it
                              "select.logit_tokens=64", "select.pool.batch_size=5"])
     mixed = [{**r, **{k: r.get(k) for k in ("question", "options", "answer", "subject", "text", "instruction", "response")}}
              for r in rows]
-    got = {r["item_id"]: r for r in respond(ray_local.data.from_items(mixed), cfg, tiny_model_dir, kind).take_all()}
+    got = {r["item_id"]: r for r in respond(ray_local.data.from_items(mixed, override_num_blocks=1), cfg, tiny_model_dir, kind).take_all()}
     assert set(got) == {r["item_id"] for r in rows}
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -125,7 +125,7 @@ def test_two_rounds_on_instruction_data(ray_local, tiny_model_dir, tmp_path):
                              "train.lr=5e-3", "train.checkpoint_every_steps=100", "train.pool.size=1",
                              "select.alpha=0.25", "select.beta=0.25", "select.iterations=2", "select.pool.batch_size=16"])
     out = str(tmp_path / "select")
-    table, cuts, timings = select_instructdiff(ray_local.data.from_items(rows), cfg, out)
+    table, cuts, timings = select_instructdiff(ray_local.data.from_items(rows, override_num_blocks=1), cfg, out)
     reasons = table["reason"].to_pylist()
     assert table.num_rows == 41 and reasons.count("unscored") == 1  # rows in = scored + unscored, each once
     assert reasons.count("selected") == 10 and table["item_id"].to_pylist().count("q00") == 1
@@ -137,7 +137,7 @@ def test_two_rounds_on_instruction_data(ray_local, tiny_model_dir, tmp_path):
     cal1, cal2 = (store.columns(f"{out}/round-{r}/scores", ["item_id", "nll"]).sort_by("item_id") for r in (1, 2))
     assert cal1["nll"].to_pylist() != cal2["nll"].to_pylist(), "round 2 scores under its own model"
     # a re-run finds every pass and every training run finished: same table
-    again, _, _ = select_instructdiff(ray_local.data.from_items(rows), cfg, out)
+    again, _, _ = select_instructdiff(ray_local.data.from_items(rows, override_num_blocks=1), cfg, out)
     assert again.equals(table)
 
 

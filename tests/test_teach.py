@@ -219,6 +219,7 @@ def test_hf_and_vllm_on_smollm2_same_rows_parseable(ray_local, tmp_path, smollm2
     outs = {}
     for backend in ("hf", "vllm"):
         cfg = load_config(None, [f"run_dir={tmp_path}/{backend}", f"teach.model.name={smollm2_dir}",
+                                 "teach.model.dtype=float32",  # bf16 runs ~70x slower on CPUs without AMX/AVX512-bf16
                                  f"teach.backend={backend}", "teach.policy=keep_all", "teach.constrain_format=true",
                                  "teach.max_tokens=48", "teach.temperature=0", "teach.pool.batch_size=4",
                                  "teach.hf_micro_batch=4", "teach.cpu_kv_cache_gb=1",

@@ -162,7 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=768, help="items for (b) and (c)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds interleaving (a), (b), (c); 0 = memory run only")
-    ap.add_argument("--n-ref", type=int, default=100, help="items for (a), the slow reference")
+    ap.add_argument("--n-ref", type=int, default=None, help="items for (a), the slow reference (default: all --n, "
+                    "so every method reads the same items)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16, help="batch size of (b)")
     ap.add_argument("--rss", default="1000,10000", help="corpus sizes for the memory run ('' to skip)")
@@ -189,7 +190,7 @@ def compare(args, cfg, items, dtype) -> None:
     # warm-up: kernel selection and first-touch allocations happen outside the timings
     scorer(table), reference(tok, model, items[:2]), padded_full_logits(tok, model, items[:args.batch])
     # Rounds interleave the three methods, so a load change on a shared box hits all of them alike.
-    bs, n_ref = cfg.score.pool.batch_size, min(args.n_ref, len(items))
+    bs, n_ref = cfg.score.pool.batch_size, min(args.n_ref or len(items), len(items))
     wall, cpu, scored, ref, padded_b, ref_items, mm = [0.0] * 3, [0.0] * 3, [], [], 0, [], [0.0, 0.0]
     for r in range(args.rounds):
         part = items[r::args.rounds]

@@ -3,10 +3,15 @@ Hugging Face `Trainer` on the same model, rows, LoRA config, global batch and op
 cft-ray with sequence packing. Prints supervised-run tokens/s (non-pad tokens), the ratio, MFU and the
 packing gain.
 
-    .venv/bin/python bench/train.py [--steps 12] [--micro-batch 4] [--workers 2] [--method lora]
+    .venv/bin/python bench/train.py [--steps 12] [--micro-batch 4] [--workers 2] [--method lora] [--precision fp32]
 
+Both sides train in the same precision (`--precision`; default bf16 where the CPU has native bf16,
+else fp32, where bf16 matmuls run ~70x slower): fp32 = fp32 weights and compute on both; bf16 = bf16
+matmuls with fp32 master weights on both (HF: fp32 weights + bf16 autocast; DeepSpeed ZeRO-2 bf16:
+bf16 weights, fp32 optimizer partitions). Same rows, same global batch, same steps, same cores
+(HF: 1 process x N threads; cft-ray: N workers x 1 thread).
 MFU = tokens/s x FLOPs per token / peak; FLOPs per token = 6N (full) or 4N + 6 x trainable (LoRA);
-the peak is a bf16 matmul measured here on the model's shapes with each side's thread count.
+the peak is a matmul in that precision measured here on the model's shapes with each side's thread count.
 """
 from __future__ import annotations
 
@@ -53,11 +58,20 @@ def mmlu_rows(n: int) -> tuple[list[dict], list[dict]]:
     return rows, cot
 
 
-def peak_tflops(threads: int, hidden: int, inter: int) -> float:
-    """bf16 matmul FLOP/s on the model's MLP shape (tokens x hidden @ hidden x intermediate)."""
+def native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, ~70x slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def peak_tflops(threads: int, hidden: int, inter: int, dtype) -> float:
+    """Matmul FLOP/s on the model's MLP shape (tokens x hidden @ hidden x intermediate) in `dtype`."""
     torch.set_num_threads(threads)
-    a = torch.randn(2048, hidden, dtype=torch.bfloat16)
-    w = torch.randn(hidden, inter, dtype=torch.bfloat16)
+    a = torch.randn(2048, hidden, dtype=dtype)
+    w = torch.randn(hidden, inter, dtype=dtype)
     for _ in range(3):
         a @ w
     t, n = time.perf_counter(), 20
@@ -72,7 +86,8 @@ def run_cft(ray, rows, cot, model_dir, args, packing: bool) -> dict:
     cfg = load_config(None, [
         f"student.name={model_dir}", "train.schedule=merged", "train.epochs=1", f"train.method={args.method}",
         f"train.micro_batch={args.micro_batch}", f"train.num_workers={args.workers}", "train.zero_stage=2",
-        "train.precision=bf16", "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
+        f"train.precision={args.precision}", f"student.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
+        "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
         f"train.packing={packing}", f"train.max_length={args.max_length}", "train.pool.size=1",
         f"train.peak_tflops={args.peak_worker}"])
     with tempfile.TemporaryDirectory() as out:
@@ -84,8 +99,8 @@ def run_cft(ray, rows, cot, model_dir, args, packing: bool) -> dict:
 
 
 def run_hf(rows, cot, model_dir, args) -> dict:
-    """The usual single-process recipe: fp32 weights + bf16 autocast, HF Trainer, the same rows in the
-    same global batch, dynamic padding, the same LoRA config and optimizer."""
+    """The usual single-process recipe: HF Trainer with fp32 weights (+ bf16 autocast under --precision
+    bf16), the same rows in the same global batch, dynamic padding, the same LoRA config and optimizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -122,7 +137,8 @@ def run_hf(rows, cot, model_dir, args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.micro_batch * args.workers,
-                                  max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", bf16=True,
+                                  max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
+                                  bf16=args.precision == "bf16",
                                   use_cpu=True, save_strategy="no", report_to=[], logging_steps=10**6,
                                   dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch")
         t = time.time()
@@ -140,8 +156,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--method", default="lora", choices=["lora", "full"])
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if native_bf16() else "fp32",
+                    help="both sides' precision (default: bf16 on CPUs with native bf16, else fp32)")
     ap.add_argument("--peak-tflops-per-thread", type=float, default=None,
-                    help="nominal bf16 peak per core (measured here: 1.8-2.6 TFLOP/s for 2 threads); default: measure now")
+                    help="nominal peak per core in that precision; default: measure now")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import ray
@@ -152,24 +170,25 @@ def main() -> None:
     if args.peak_tflops_per_thread:  # a busy machine depresses the measured peak along with the runs
         args.peak_worker, peak_hf = args.peak_tflops_per_thread, args.peak_tflops_per_thread * args.workers
     else:
-        args.peak_worker = peak_tflops(1, mc.hidden_size, mc.intermediate_size)
-        peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size)
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        args.peak_worker = peak_tflops(1, mc.hidden_size, mc.intermediate_size, dtype)
+        peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size, dtype)
     rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
     hf = run_hf(rows, cot, model_dir, args)
-    ray.init(num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     ours = run_cft(ray, rows, cot, model_dir, args, packing=False)
     packed = run_cft(ray, rows, cot, model_dir, args, packing=True)
     fpt = (6 * hf["params"] if args.method == "full" else 4 * hf["params"] + 6 * hf["trainable_params"])
     hf_mfu = hf["tokens_per_s"] * fpt / (peak_hf * 1e12)
     print(f"\nmodel {args.model} ({hf['params'] / 1e6:.1f}M params, {args.method}, trainable {hf['trainable_params'] / 1e6:.2f}M), "
           f"{len(rows)} MMLU rows (1/3 CoT), global batch {args.micro_batch * args.workers}, {args.steps} steps")
-    print(f"peak bf16 TFLOP/s for MFU: {args.peak_worker:.2f} per 1-thread worker, {peak_hf:.2f} for {args.workers} threads; "
+    print(f"precision {args.precision} on both sides; peak {args.precision} TFLOP/s for MFU: {args.peak_worker:.2f} per 1-thread worker, {peak_hf:.2f} for {args.workers} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| trainer | steps | tokens | tokens/s | MFU | end-to-end s |")
     print("|---|---|---|---|---|---|")
-    print(f"| HF Trainer, 1 process x {args.workers} threads, bf16 autocast | {args.steps} | {hf['tokens']} | "
+    print(f"| HF Trainer, 1 process x {args.workers} threads, {args.precision} | {args.steps} | {hf['tokens']} | "
           f"{hf['tokens_per_s']:.0f} | {hf_mfu:.3f} | {hf['end_to_end_s']:.0f} |")
-    for name, m in ((f"cft-ray, {args.workers} workers, ZeRO-2 bf16", ours), ("cft-ray + packing", packed)):
+    for name, m in ((f"cft-ray, {args.workers} workers x 1 thread, ZeRO-2 {args.precision}", ours), ("cft-ray + packing", packed)):
         print(f"| {name} | {m['steps']} | {m['tokens']} | {m['tokens_per_s']:.0f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |")
     print(f"ratio cft-ray / HF Trainer tokens/s: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
     print(f"packing: {packed['tokens_per_s'] / ours['tokens_per_s']:.2f}x tokens/s; step time for the same rows "

@@ -68,7 +68,7 @@ def test_direct_equals_generate_on_a_marker_trained_model(ray_local, marker_mode
     ds = ray_local.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA))
     got = {}
     for mode in ("direct", "generate"):
-        df = evaluate.evaluate(ds, model_dir, _cfg(model_dir, mode), "direct").to_pandas().set_index("item_id")
+        df = evaluate.evaluate(ds, model_dir, _cfg(model_dir, mode), "direct", mode).to_pandas().set_index("item_id")
         got[mode] = df.sort_index()
         assert len(df) == len(items) and df["error"].isna().all()
     d, g = got["direct"], got["generate"]

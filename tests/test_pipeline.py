@@ -128,7 +128,7 @@ def test_arms_train_evaluate_and_report(tiny_run):
         assert section in text, section
     comp = store.read_json(store.join(cfg.run_dir, "comparisons.json"))["pairs"]
     assert [(r["a"], r["b"]) for r in comp] == [("caft", "base")] and comp[0]["test"]["n"] == test_n
-    assert "## Paired comparisons (same test items)" in text and "| caft vs base | test |" in text
+    assert "## Paired comparisons (same test items, same protocol)" in text and "| caft vs base | generate | test |" in text
     for png in ("arms_accuracy.png", "arms_spent.png", "score_roc.png", "split_distribution.png"):
         assert os.path.getsize(os.path.join(os.path.dirname(report), png)) > 1000, png
     # the cost plan made before the run against what the stages counted: the stated factors (README)

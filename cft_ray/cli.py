@@ -60,13 +60,14 @@ def _inspect(args) -> int:
     init_ray(cfg.ray.model_copy(update={"object_store_gb": 1}))
     with tempfile.TemporaryDirectory() as tmp:
         counts = data.ingest(cfg.data, tmp)
-        sample = pq.read_table(store.join(tmp, "items")).slice(0, args.sample).to_pylist()
-        errs = pq.read_table(store.join(tmp, "errors")).slice(0, args.sample).to_pylist()
+        sample = pq.read_table(store.join(tmp, "items")).slice(0, args.sample).to_pylist() if counts["rows_out"] else []
+        errs = pq.read_table(store.join(tmp, "errors")).slice(0, args.sample).to_pylist() if counts["errors"] else []
     print(json.dumps(counts, indent=2))
     for title, rows in (("sample items", sample), ("sample errors", errs)):
         print(f"--- {title}")
         for r in rows:
             print(json.dumps(r, ensure_ascii=False)[:500])
+    data.require_items(counts, cfg.data)  # after the breakdown: exit 2 with the one-line reason
     return 0
 
 
@@ -81,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             print(report.main_dir(args.run_dir))
             return 0
         cfg = load_config(args.config, args.overrides)
+        stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
+        pipeline.preflight(cfg, pipeline.needed(cfg) if args.cmd == "run" else [stage])
         init_ray(cfg.ray)
         if args.cmd == "run":
             out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = STAGES["arms" if args.cmd in ALIASES["arms"] else args.cmd].run(cfg)
+            out = STAGES[stage].run(cfg)
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

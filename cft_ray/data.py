@@ -6,6 +6,7 @@ costs one error row, not the file (ray.data.read_json would fail the whole file)
 """
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import importlib.util
@@ -107,11 +108,8 @@ def normalize(rec: dict, cols: ColumnMap, cfg: DataConfig) -> dict:
         if cols.options not in rec:
             raise ValueError(f"missing field {cols.options!r}")
         options = rec[cols.options]
-        if isinstance(options, str):  # CSV cells carry lists as JSON
-            try:
-                options = json.loads(options)
-            except json.JSONDecodeError:
-                raise ValueError("options is not a list") from None
+        if isinstance(options, str):  # CSV/TSV cells carry lists as JSON or as Python literals
+            options = _list_cell(options)
     else:
         missing = [c for c in cols.options if c not in rec]
         if missing:
@@ -138,6 +136,29 @@ def normalize(rec: dict, cols: ColumnMap, cfg: DataConfig) -> dict:
     return {"item_id": item_id, "question": question, "options": options, "answer": answer,
             "subject": None if subject is None else _text(str(subject), "subject"),
             "category": None if category is None else _text(str(category), "category")}
+
+
+def _list_cell(text: str) -> list:
+    """A list written into a text cell: JSON (["a", "b"]) or a Python literal (['a', 'b'], as pandas
+    and MMLU-Pro exports write them)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError("options is not a list (neither JSON nor a Python literal)") from None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("options is not a list")
+    return list(value)
+
+
+def columns_for(rec, cols: ColumnMap, explicit: bool) -> ColumnMap:
+    """The column map for one record: the configured one, or (none configured) MMLU-Pro's own layout
+    when the record has its fields and not the canonical ones, as for hf: sources."""
+    if explicit or not isinstance(rec, dict) or cols.answer in rec or "answer_index" not in rec:
+        return cols
+    return MMLU_PRO
 
 
 def _raw(rec) -> str:
@@ -178,8 +199,9 @@ def _records(path: str, fmt: str) -> Iterator[tuple[int, object, str | None]]:
                         i += 1
             except Exception as e:  # noqa: BLE001 - truncated/corrupt file: the rest of it is one error
                 yield -1, None, f"unreadable parquet file: {type(e).__name__}: {e}"
-        else:  # csv, header row required; bad bytes surface per row as surrogates
-            reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""))
+        else:  # csv/tsv, header row required; bad bytes surface per row as surrogates
+            reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""),
+                                    delimiter="\t" if fmt == "tsv" else ",")
             try:
                 for i, rec in enumerate(reader):
                     yield i, rec, None
@@ -195,7 +217,7 @@ def _parse_files(batch: dict, cols: ColumnMap, cfg: DataConfig) -> Iterator[pa.T
             row = {"_file": int(file_idx), "_row": i, "source": f"{path}:{i}", "_raw": None, "_reason": reason}
             if reason is None:
                 try:
-                    row.update(normalize(rec, cols, cfg))
+                    row.update(normalize(rec, columns_for(rec, cols, cfg.columns is not None), cfg))
                 except ValueError as e:
                     row["_reason"] = str(e)
             if row["_reason"] is not None:
@@ -226,7 +248,7 @@ def resolve_source(cfg: DataConfig) -> tuple[list[tuple[str, str]], ColumnMap]:
         return [(str(package_file(pkg, rel)), "jsonl")], cfg.columns or cols
     if cfg.source.startswith("embedded:"):
         raise ConfigError(f"data.source: unknown embedded source {cfg.source!r} (have {sorted(EMBEDDED)})")
-    exts = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+    exts = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
     fs, _, paths = fsspec.get_fs_token_paths(cfg.source)
     files: list[str] = []
     for p in paths:
@@ -347,6 +369,21 @@ def ingest(cfg: DataConfig, out_dir: str | os.PathLike) -> dict:
     return counts
 
 
+def require_items(counts: dict, cfg: DataConfig) -> None:
+    """A source with no valid row fails here, in one line: the most common reason and the mapping
+    that would fix it (a run must not go on with nothing, nor mark 0 items a success)."""
+    if counts["valid"]:
+        return
+    reasons = counts.get("error_reasons") or {}
+    top, n = max(reasons.items(), key=lambda kv: kv[1]) if reasons else ("no rows at all", 0)
+    hint = ""
+    for key in ("question", "options", "answer"):
+        if top == f"missing field {getattr(cfg.columns or ColumnMap(), key)!r}":
+            hint = f"; map the source's field with data.columns.{key}=<field name> (`cft-ray data inspect` lists the rows)"
+    raise ConfigError(f"data.source {cfg.source!r}: 0 of {counts['rows_in']:,} rows are valid items; most common "
+                      f"reason: {top} ({n:,} rows){hint}")
+
+
 def _reason_kinds(errors) -> dict:
     """Error counts by kind (store.reason_counts), streamed over the error rows."""
     return store.reason_counts(r for b in errors.select_columns(["reason"]).iter_batches(batch_format="pyarrow")
@@ -360,6 +397,7 @@ def main(cfg) -> str:
         return out
     started = time.time()
     counts = ingest(cfg.data, out)
+    require_items(counts, cfg.data)
     store.finish(out, store.stage_manifest("data", layout.dir_hash(out), started, counts,
                                            [("source", cfg.data.source)]))
     return out

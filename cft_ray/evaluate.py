@@ -45,7 +45,7 @@ def eval_spec(cfg: CftConfig, model_dir: str, kind: str) -> GenerationSpec:
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     return GenerationSpec(
         section="eval", backend=backend, model=cfg.student.model_copy(update={"name": model_dir}), prompt=kind,
-        labels=cfg.prompt.labels, pool=e.pool, temperature=e.temperature, top_p=1.0, max_tokens=e.max_new_tokens,
+        labels=cfg.prompt.labels, preset=cfg.prompt.preset, pool=e.pool, temperature=e.temperature, top_p=1.0, max_tokens=e.max_new_tokens,
         seed=e.seed, tensor_parallel_size=e.tensor_parallel_size, engine_kwargs=dict(e.engine_kwargs),
         accelerator_type=e.accelerator_type, cpu_kv_cache_gb=e.cpu_kv_cache_gb, hf_micro_batch=e.hf_micro_batch)
 

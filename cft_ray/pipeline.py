@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
-from cft_ray import arms, data, layout, plan, report, score, select, split, store
+from cft_ray import arms, data, layout, models, plan, report, score, select, split, store
 from cft_ray.config import CftConfig, ConfigError, config_hash
 
 log = logging.getLogger("cft_ray")
@@ -60,10 +60,24 @@ def _done(stage: str, where, cfg: CftConfig) -> bool:
     return store.is_done(where)
 
 
-def _needed(cfg: CftConfig) -> list[str]:
-    """The teacher only runs when some arm trains on chain-of-thought; select only for InstructDiff."""
-    skip = {s for s, need in (("teach", arms.needs_teacher(cfg)), ("select", cfg.selection == "instructdiff")) if not need}
+def needed(cfg: CftConfig) -> list[str]:
+    """The score stage only without split.scores; the teacher only when some arm trains on
+    chain-of-thought; select only for InstructDiff."""
+    skip = {s for s, need in (("score", not cfg.split.scores), ("teach", arms.needs_teacher(cfg)),
+                              ("select", cfg.selection == "instructdiff")) if not need}
     return [s for s in CHAIN if s not in skip]
+
+
+STUDENT_STAGES = {"score", "train", "arms", "select", "plan"}
+
+
+def preflight(cfg: CftConfig, stages: list[str]) -> None:
+    """What can fail on the driver fails there, before Ray starts: every model these stages load has a
+    tokenizer and a chat template (a ConfigError naming the option, not tracebacks from the actors)."""
+    if STUDENT_STAGES & set(stages):
+        models.load_tokenizer(cfg.student)
+    if "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend != "openai":
+        models.load_tokenizer(cfg.teach.model)
 
 
 def _reset(where) -> None:
@@ -98,7 +112,7 @@ def actions(cfg: CftConfig, dirs: dict, only: str | None, from_stage: str | None
     for name, val in (("--only", only), ("--from", from_stage)):
         if val is not None and val not in CHAIN:
             raise ConfigError(f"{name} {val!r}: stages are {', '.join(CHAIN)}")
-    needed = _needed(cfg)
+    needed = needed(cfg)
     chosen = [only] if only else needed[needed.index(from_stage):] if from_stage in needed else needed
     out = []
     for s in needed:

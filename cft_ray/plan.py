@@ -39,7 +39,7 @@ def param_count(cfg: ModelConfig, override_b: float | None = None) -> float:
 def token_stats(cfg: CftConfig, rows: list[dict]) -> dict:
     """Mean token lengths of every prompt/target kind the run will build, on a sample of items."""
     tok = load_tokenizer(cfg.student)
-    scheme = cfg.prompt.labels
+    scheme, preset = cfg.prompt.labels, cfg.prompt.preset
 
     def n(text: str) -> int:
         return len(tok(text, add_special_tokens=False).input_ids)
@@ -48,10 +48,10 @@ def token_stats(cfg: CftConfig, rows: list[dict]) -> dict:
         return sum(xs) / max(1, len(xs))
 
     return {
-        "score_prompt": mean([n(prompts.render(tok, prompts.score_messages(r, scheme, cfg.prompt.fallback))) for r in rows]),
-        "teacher_prompt": mean([n(prompts.render(tok, prompts.teacher_messages(r, scheme))) for r in rows]),
-        "direct_prompt": mean([n(prompts.render(tok, prompts.direct_messages(r, scheme))) for r in rows]),
-        "cot_prompt": mean([n(prompts.render(tok, prompts.cot_messages(r, scheme))) for r in rows]),
+        "score_prompt": mean([n(prompts.render(tok, prompts.score_messages(r, scheme, cfg.prompt.fallback, preset))) for r in rows]),
+        "teacher_prompt": mean([n(prompts.render(tok, prompts.teacher_messages(r, scheme, preset))) for r in rows]),
+        "direct_prompt": mean([n(prompts.render(tok, prompts.direct_messages(r, scheme, preset))) for r in rows]),
+        "cot_prompt": mean([n(prompts.render(tok, prompts.cot_messages(r, scheme, preset))) for r in rows]),
         "direct_target": mean([n(prompts.marker(r["answer"], scheme)) + 1 for r in rows]),  # + end-of-turn token
     }
 

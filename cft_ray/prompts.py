@@ -7,11 +7,18 @@ Internally answers are 0-based; prompts render labels 1..N (or A..).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 Scheme = Literal["numbers", "letters"]
+Preset = Literal["paper", "cftray"]
 LETTERS = "ABCDEFGHIJKLMNOPQRST"  # 20 labels: the max option count of the item contract
 
+# Scoring instructions. "paper": the reference implementation's, byte for byte
+# (../shared/reference/paper_prompts.json); "cftray": this project's earlier wording.
+PAPER_ANSWER_ONLY = "Write down ONLY the {KIND} of the correct answer and nothing else."
+PAPER_FALLBACK = ("If you are certain about the answer return the correct option {kind}, otherwise return 0. "
+                  "Write down ONLY the {KIND} and nothing else.")
 ANSWER_ONLY = "Answer with ONLY the {kind} of the correct option."
 FALLBACK = " If you are not certain, answer 0."
 COT_FORMAT = ("Explain your thinking process step-by-step. At the end, write down the {kind} of the correct "
@@ -36,66 +43,74 @@ def _system_head(subject: str | None) -> str:
     return f"The following are multiple choice questions{about}."
 
 
-def question_block(item: Mapping, scheme: Scheme = "numbers") -> str:
+def question_block(item: Mapping, scheme: Scheme = "numbers", preset: Preset = "paper") -> str:
+    """The question and its labelled options. The paper preset strips the question (as the reference
+    does; its options keep their whitespace), cftray keeps it as given."""
     opts = item["options"]
     lines = [f"{lab}. {opt}" for lab, opt in zip(labels(len(opts), scheme), opts)]
-    return f"Question: {item['question']}\nOptions:\n" + "\n".join(lines)
+    question = item["question"].strip() if preset == "paper" else item["question"]
+    return f"Question: {question}\nOptions:\n" + "\n".join(lines)
 
 
-def score_messages(item: Mapping, scheme: Scheme = "numbers", fallback: bool = False) -> list[dict]:
+def score_messages(item: Mapping, scheme: Scheme = "numbers", fallback: bool = False,
+                   preset: Preset = "paper") -> list[dict]:
     """Step 1 prompt: the answer is the first generated token."""
     kind, _ = _kind(scheme)
-    instr = ANSWER_ONLY.format(kind=kind) + (FALLBACK if fallback else "")
+    if preset == "paper":
+        instr = (PAPER_FALLBACK if fallback else PAPER_ANSWER_ONLY).format(kind=kind, KIND=kind.upper())
+    else:
+        instr = ANSWER_ONLY.format(kind=kind) + (FALLBACK if fallback else "")
     return [
         {"role": "system", "content": f"{_system_head(item.get('subject'))} {instr}"},
-        {"role": "user", "content": f"{question_block(item, scheme)}\nChoose one of the answers. {instr}"},
+        {"role": "user", "content": f"{question_block(item, scheme, preset)}\nChoose one of the answers. {instr}"},
     ]
 
 
-def teacher_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
-    """Step 3 prompt. The gold answer never enters it."""
+def teacher_messages(item: Mapping, scheme: Scheme = "numbers", preset: Preset = "paper") -> list[dict]:
+    """Step 3 prompt. The gold answer never enters it. The paper's user message ends with a newline."""
     kind, var = _kind(scheme)
     return [
         {"role": "system", "content": f"{_system_head(item.get('subject'))} " + COT_FORMAT.format(kind=kind, kind_var=f"{var}_of_correct_answer")},
-        {"role": "user", "content": question_block(item, scheme)},
+        {"role": "user", "content": question_block(item, scheme, preset) + ("\n" if preset == "paper" else "")},
     ]
 
 
-def direct_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
+def direct_messages(item: Mapping, scheme: Scheme = "numbers", preset: Preset = "paper") -> list[dict]:
     """Step 4/5 prompt of direct-answer arms (no assistant turn)."""
     kind, var = _kind(scheme)
     return [
         {"role": "system", "content": f"{_system_head(item.get('subject'))} " + DIRECT_SYS.format(kind=kind, kind_var=var)},
-        {"role": "user", "content": question_block(item, scheme)},
+        {"role": "user", "content": question_block(item, scheme, preset)},
     ]
 
 
-def cot_messages(item: Mapping, scheme: Scheme = "numbers") -> list[dict]:
+def cot_messages(item: Mapping, scheme: Scheme = "numbers", preset: Preset = "paper") -> list[dict]:
     """Step 4/5 prompt of CoT-trained arms (no assistant turn)."""
     kind, var = _kind(scheme)
     return [
         {"role": "system", "content": f"{_system_head(item.get('subject'))} " + COT_SYS.format(kind=kind, kind_var=var)},
-        {"role": "user", "content": question_block(item, scheme)},
+        {"role": "user", "content": question_block(item, scheme, preset)},
     ]
 
 
-def messages(kind: str, item: Mapping, scheme: Scheme = "numbers", fallback: bool = False) -> list[dict]:
+def messages(kind: str, item: Mapping, scheme: Scheme = "numbers", fallback: bool = False,
+             preset: Preset = "paper") -> list[dict]:
     """The prompt of `kind`: score (step 1), teacher (step 3), direct / cot (steps 4-5)."""
     if kind == "score":
-        return score_messages(item, scheme, fallback)
-    return {"teacher": teacher_messages, "direct": direct_messages, "cot": cot_messages}[kind](item, scheme)
+        return score_messages(item, scheme, fallback, preset)
+    return {"teacher": teacher_messages, "direct": direct_messages, "cot": cot_messages}[kind](item, scheme, preset)
 
 
-def example(row: Mapping, kind: str, scheme: Scheme = "numbers") -> tuple[list[dict], str]:
+def example(row: Mapping, kind: str, scheme: Scheme = "numbers", preset: Preset = "paper") -> tuple[list[dict], str]:
     """(prompt messages, assistant target) of a supervised or teacher-forced example: the direct answer,
     the row's teacher CoT (`text`), or an instruction-data row's `instruction` -> `response`.
     Raises ValueError for a row that cannot make one (it becomes an error row, never a silent drop)."""
     if kind == "direct":
-        return direct_messages(row, scheme), marker(row["answer"], scheme)
+        return direct_messages(row, scheme, preset), marker(row["answer"], scheme)
     if kind == "cot":
         if not row.get("text"):
             raise ValueError("cot row without teacher text")
-        return cot_messages(row, scheme), row["text"]
+        return cot_messages(row, scheme, preset), row["text"]
     if kind == "instruction":
         if not row.get("instruction") or not row.get("response"):
             raise ValueError("instruction row without instruction or response text")
@@ -135,6 +150,29 @@ def parse_marker(text: str | None, n: int, scheme: Scheme = "numbers") -> int | 
         return None
     found = MARKER.findall(text)
     return label_to_index(found[-1], n, scheme) if found else None
+
+
+# Named chat templates (ModelConfig.chat_template). "plain" is for base models: the system and user text,
+# then "Answer:"; an example's assistant text follows it and ends with the tokenizer's EOS.
+TEMPLATES = {
+    "plain": ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Answer: ' + m['content'] + eos_token }}"
+              "{% else %}{{ m['content'] + '\n\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'Answer: ' }}{% endif %}"),
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
+def chat_template(spec: str) -> str:
+    """The Jinja source of a chat_template setting: a named template, a .jinja file, or Jinja itself."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text()
+    raise ValueError(f"chat_template {spec!r}: not one of {sorted(TEMPLATES)}, a .jinja file or a Jinja string")
 
 
 def render(tokenizer, messages: Sequence[dict], assistant: str | None = None) -> str:

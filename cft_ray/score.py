@@ -45,17 +45,17 @@ log = logging.getLogger("cft_ray")
 MAX_OPTIONS = 20
 
 
-def prompt_text(tok, item, kind: str, scheme: str, fallback: bool) -> str:
+def prompt_text(tok, item, kind: str, scheme: str, fallback: bool, preset: str = "paper") -> str:
     """The scored text: the score prompt, or the direct prompt plus the "[[" its answers start with."""
-    text = render(tok, messages(kind, item, scheme, fallback))
+    text = render(tok, messages(kind, item, scheme, fallback, preset))
     return text + DIRECT_PREFIX if kind == "direct" else text
 
 
 def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str = "score",
-                 suffix: str = "") -> dict[str, list[int]]:
+                 suffix: str = "", preset: str = "paper") -> dict[str, list[int]]:
     """Token ids of every label (1..20 or A..T, plus "0" under fallback), followed by `suffix`, as the
     model would emit them right after the prompt (so template-specific merges are respected)."""
-    prompt = prompt_text(tok, {"question": "?", "options": ["x", "y"]}, kind, scheme, fallback)
+    prompt = prompt_text(tok, {"question": "?", "options": ["x", "y"]}, kind, scheme, fallback, preset)
     head = tok(prompt, add_special_tokens=False).input_ids
     out = {}
     for lab in labels(MAX_OPTIONS, scheme) + (["0"] if fallback else []):
@@ -83,15 +83,16 @@ class Scorer:
         self.tok, self.model = models.load(model, self.device)
         self.kind = prompt
         self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback and prompt == "score"
+        self.preset = cfg.prompt.preset
         self.max_tokens = cfg.score.max_prompt_tokens
         self.batcher = MicroBatcher(cfg.score.token_budget, cfg.score.max_padding, self.device)
         self.pad_id = self.tok.pad_token_id
-        first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback, prompt).items()}
+        first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback, prompt, "", self.preset).items()}
         # Per option count n: each label's first token, and the first tokens shared by >1 label.
         self.first = {n: [first[lab] for lab in labels(n, self.scheme)] for n in range(1, MAX_OPTIONS + 1)}
         self.shared = {n: {t for t in ids if ids.count(t) > 1} for n, ids in self.first.items()}
         # Direct evaluation: each label's whole answer "k]]", in label order.
-        self.answers = list(label_tokens(self.tok, self.scheme, False, prompt, DIRECT_SUFFIX).values()) \
+        self.answers = list(label_tokens(self.tok, self.scheme, False, prompt, DIRECT_SUFFIX, self.preset).values()) \
             if prompt == "direct" else None
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if not self.keep_arg:
@@ -104,7 +105,7 @@ class Scorer:
         texts, todo = [], []
         for i, r in enumerate(rows):
             try:
-                texts.append(prompt_text(self.tok, r, self.kind, self.scheme, self.fallback))
+                texts.append(prompt_text(self.tok, r, self.kind, self.scheme, self.fallback, self.preset))
                 todo.append(i)
             except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
                 res[i]["error"] = f"cannot build prompt: {type(e).__name__}: {e}"

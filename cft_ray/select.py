@@ -51,7 +51,7 @@ class ResponseScorer:
         if self.device == "cpu":
             torch.set_num_threads(cfg.select.pool.cpu_threads())
         self.tok, self.model = models.load(mcfg, self.device)
-        self.kind, self.scheme = kind, cfg.prompt.labels
+        self.kind, self.scheme, self.preset = kind, cfg.prompt.labels, cfg.prompt.preset
         s = cfg.select
         self.max_tokens = s.max_tokens
         # the full-vocabulary logits of every response position in a micro-batch exist at once
@@ -65,7 +65,7 @@ class ResponseScorer:
         pairs, todo = [], []
         for i, r in enumerate(rows):
             try:
-                pairs.append(prompts.example(r, "instruction" if r.get("instruction") is not None else self.kind, self.scheme))
+                pairs.append(prompts.example(r, "instruction" if r.get("instruction") is not None else self.kind, self.scheme, self.preset))
                 todo.append(i)
             except (ValueError, KeyError, TypeError) as e:
                 res[i]["error"] = f"no gold response: {e}"

@@ -2,7 +2,9 @@
 
 Order (docs/method.md, step 2): a seeded random test hold-out first; the normaliser and the cut points are
 fitted on the rest (the *pool*: scored, valid, known-answer, non-test rows) and applied unchanged to
-the test rows. Every random choice is a keyed hash of (seed, item_id), so a row's fate does not
+the test rows. `split.fit_on: all` fits on every bucketable row, test included, as the reference
+implementation did (its max, and so every normalised threshold, then moves with no hold-out draw).
+Scores come from the score stage, or per item from a file (`split.scores`, `external_scores`). Every random choice is a keyed hash of (seed, item_id), so a row's fate does not
 depend on file order, block layout or cluster size.
 
 Difficulty is the metric (entropy, entropy_options, ce_gold) or 1 - metric for confidences
@@ -33,6 +35,7 @@ from cft_ray import layout, store
 from cft_ray.config import CftConfig, ConfigError, SplitConfig
 from cft_ray.layout import LABEL_FIELDS
 from cft_ray.layout import SPLIT_OUTPUTS as OUTPUTS
+from cft_ray.prompts import label_to_index
 
 log = logging.getLogger("cft_ray")
 
@@ -133,7 +136,8 @@ def fit_cuts(cfg: SplitConfig, n: int, dmin: float, dmax: float, sorted_at: Call
         raise ValueError(f"split: normalize=max needs a non-negative difficulty; {cfg.metric} reaches {dmin} "
                          "(use normalize=rank, or direction=confidence only for metrics in [0, 1])")
     names = cfg.buckets()
-    cuts_fit = {"normalize": cfg.normalize, "scale": dmax if dmax > 0 else 1.0, "n_pool": n, "min": dmin, "max": dmax,
+    scale = cfg.norm_scale or (dmax if dmax > 0 else 1.0)
+    cuts_fit = {"normalize": cfg.normalize, "scale": scale, "n_pool": n, "fit_on": cfg.fit_on, "min": dmin, "max": dmax,
             "buckets": names, "routing": cfg.treatments(), "valid_fraction": cfg.valid_fraction,
             "cap_u": [math.inf] * len(names), "balanced_u": [math.inf] * len(names)}
     qs = {"quantiles": cfg.quantiles, "chunks": [i / cfg.chunks for i in range(1, cfg.chunks)], "thresholds": []}[cfg.method]
@@ -264,7 +268,7 @@ def split(scored, cfg: SplitConfig) -> tuple:
                           f"{[c for c in names if c in ('entropy', 'entropy_options', 'ce_gold', *CONFIDENCE_METRICS)]}")
     narrow = scored.select_columns([c for c in dict.fromkeys((*_NEEDED, cfg.metric))]) \
         .map_batches(prepare, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
-    pool = narrow.filter(expr=col("_role") == "pool")
+    pool = narrow.filter(expr=col("_role") == "pool" if cfg.fit_on == "pool" else col("_role") != "excluded")
     if cfg.method == "thresholds" and cfg.normalize == "max":
         st = pool.aggregate(Count(), Min("_d"), Max("_d")) or {}
         n, dmin, dmax = int(st.get("count()") or 0), st.get("min(_d)"), st.get("max(_d)")
@@ -402,17 +406,21 @@ def _summary(cfg: SplitConfig, cuts_fit: dict, files: dict[str, dict[tuple, int]
         "metric": cfg.metric,
         "difficulty": f"1 - {cfg.metric}" if is_confidence(cfg) else cfg.metric,
         "normalize": cfg.normalize,
-        "normaliser": ({"max_difficulty": cuts_fit["max"], "rule": "norm = difficulty / max over the pool"}
+        "normaliser": ({"max_difficulty": cuts_fit["max"], "scale": cuts_fit["scale"],
+                        "rule": f"norm = difficulty / {'split.norm_scale' if cfg.norm_scale else 'the max over the fitted rows'}"}
                        if cfg.normalize == "max" else
                        {"rule": "norm = fraction of the pool below the row's difficulty, interpolated between "
                                 f"{len(cuts_fit['grid'])} exact order statistics", "max_rank_error": cuts_fit["rank_error"]}),
         "method": cfg.method,
         "quantiles": qs,
         "thresholds": cuts_fit["cuts"],
+        "thresholds_raw": cuts_fit["cuts_d"],
         "thresholds_metric": cuts_fit["cuts_metric"],
         "buckets": names,
         "bucket_rule": "bucket i: thresholds[i-1] <= norm < thresholds[i] (both bounds; first and last open-ended)",
-        "fitted_on": f"the pool: {cuts_fit['n_pool']} scored, valid, known-answer rows outside the test hold-out",
+        "fitted_on": (f"the pool: {cuts_fit['n_pool']} scored, valid, known-answer rows outside the test hold-out"
+                      if cfg.fit_on == "pool" else
+                      f"all {cuts_fit['n_pool']} scored, valid, known-answer rows, test included (fit, then hold out)"),
         "applied_to_test": "the same normaliser and thresholds label the test rows (test norm may exceed 1 under normalize=max)",
         "quantile_error": ("none: thresholds are exact order statistics of the pool (global Ray Data sort); pool bucket "
                            "sizes are exact except for rows tied at a threshold" if qs else
@@ -437,15 +445,87 @@ def _summary(cfg: SplitConfig, cuts_fit: dict, files: dict[str, dict[tuple, int]
     }
 
 
+def _read_table(path: str, columns: list[str]) -> pa.Table:
+    """`columns` of a Parquet, JSONL, CSV or TSV file (local or object store), read on the driver."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    fs, p = store._fs(path)
+    ext = p.rsplit(".", 1)[-1].lower()
+    if ext == "parquet":
+        return pq.read_table(p, columns=columns, filesystem=fs)
+    with fs.open_input_stream(p) as f:
+        if ext in ("jsonl", "json", "ndjson"):
+            t = pajson.read_json(f)
+        elif ext in ("csv", "tsv"):
+            t = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t" if ext == "tsv" else ","),
+                               convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                                    column_types={columns[0]: pa.string()}))
+        else:
+            raise ConfigError(f"split.scores: cannot tell the format of {path} (.parquet, .jsonl, .csv or .tsv)")
+    return t.select(columns)
+
+
+def _external_columns(t: pa.Table, cfg: CftConfig) -> pa.Table:
+    """Per batch after the join: valid / unknown from the file, or from the student's answer column."""
+    sc = cfg.split
+    n = t.num_rows
+    if "valid" not in t.column_names:
+        if sc.scores_answer:
+            idx = [None if a is None else label_to_index(str(a).strip(), len(o), cfg.prompt.labels, cfg.prompt.fallback)
+                   for a, o in zip(t[sc.scores_answer].to_pylist(), t["options"].to_pylist())]
+            t = t.append_column("valid", pa.array([i is not None for i in idx]))
+            t = t.append_column("unknown", pa.array([i == -1 for i in idx]))
+        else:
+            t = t.append_column("valid", pc.is_finite(pc.fill_null(t[sc.metric].cast(pa.float64()), float("nan"))))
+    if "unknown" not in t.column_names:
+        t = t.append_column("unknown", pa.array([False] * n))
+    return t.append_column("error", pa.array([None] * n, pa.string()))
+
+
+def external_scores(cfg: CftConfig, data_dir: str):
+    """The data stage's items joined with `split.scores` (left join on item id): an item without a score
+    keeps a null metric and is excluded with its reason; scores without an item are counted. Returns
+    (Dataset, counts)."""
+    import ray
+
+    sc = cfg.split
+    wanted = [sc.scores_id, sc.metric, *[c for c in ("valid", "unknown", sc.scores_answer) if c]]
+    try:
+        table = _read_table(sc.scores, [c for c in wanted if c])
+    except (KeyError, ValueError, pa.ArrowInvalid) as e:
+        raise ConfigError(f"split.scores: {sc.scores} lacks a column the config names ({wanted}): {e}") from None
+    except OSError as e:
+        raise ConfigError(f"split.scores: cannot read {sc.scores}: {e}") from None
+    table = table.rename_columns(["item_id", *table.column_names[1:]]).set_column(0, "item_id", table[0].cast(pa.string()))
+    ids = pc.unique(table["item_id"])
+    if len(ids) < table.num_rows:
+        raise ConfigError(f"split.scores: {table.num_rows - len(ids):,} ids of {sc.scores} appear more than once; "
+                          "give one score per item")
+    item_ids = store.columns(store.join(data_dir, "items"), ["item_id"])["item_id"]
+    matched = int(pc.sum(pc.is_in(table["item_id"], value_set=item_ids)).as_py() or 0)
+    counts = {"source": sc.scores, "score_rows": table.num_rows, "matched": matched,
+              "scores_without_item": table.num_rows - matched, "items_without_score": len(item_ids) - matched}
+    joined = layout.load_items(data_dir).join(ray.data.from_arrow(table), join_type="left_outer", on=("item_id",),
+                                               num_partitions=max(2, int(ray.cluster_resources().get("CPU", 2))))
+    return joined.map_batches(_external_columns, batch_format="pyarrow", fn_kwargs={"cfg": cfg}), counts
+
+
 def main(cfg: CftConfig) -> str:
-    """Stage entry: split the score stage's rows into `stage_dir(cfg, "split")` (skipped when finished)."""
-    upstream = layout.upstream(cfg, "score", by="split")
+    """Stage entry: split the score stage's rows (or the items with `split.scores`) into
+    `stage_dir(cfg, "split")` (skipped when finished)."""
+    upstream = layout.upstream(cfg, "data" if cfg.split.scores else "score", by="split")
     out = layout.stage_dir(cfg, "split")
     if layout.finished(out, "split"):
         return out
     started = time.time()
     store.reset(out)  # a half-written split is cheaper to redo than to trust
-    scored = layout.load_scores(upstream, include_invalid=True)
+    external = None
+    if cfg.split.scores:
+        scored, external = external_scores(cfg, upstream)
+    else:
+        scored = layout.load_scores(upstream, include_invalid=True)
     final, cuts_fit = split(scored, cfg.split)
     written = write_outputs(final, [*scored.schema().names, *(f.name for f in LABEL_FIELDS)], out)
     keys = {s: ["bucket", "category"] for s in OUTPUTS} | {"excluded": ["bucket", "category", "reason"]}
@@ -454,13 +534,15 @@ def main(cfg: CftConfig) -> str:
     summary = _summary(cfg.split, cuts_fit, files, rows_in)
     if not summary["counts"]["reconciles"] or any(written[o] != summary["counts"][o] for o in OUTPUTS):
         raise RuntimeError(f"split: counts do not reconcile: {summary['counts']}, written {written}")
+    summary["scores_from"] = external or {"source": f"score stage {upstream}"}
     store.write_json(store.join(out, "split.json"), summary)
     _plot(store.join(out, "distribution.png"), cuts_fit,
           f"{summary['difficulty']} ({cfg.split.method}), pool n={cuts_fit['n_pool']}, test n={summary['test']['rows']}")
     c = summary["counts"]
     counts = {"rows_in": rows_in, "rows_out": c["train"] + c["valid"] + c["test"], **{k: c[k] for k in OUTPUTS}}
     store.finish(out, store.stage_manifest("split", layout.dir_hash(out), started, counts,
-                                           [("thresholds", summary["thresholds"]), ("sizes", summary["sizes"]),
+                                           [("scores_from", summary["scores_from"]),
+                                            ("thresholds", summary["thresholds"]), ("sizes", summary["sizes"]),
                                             ("routing", summary["routing"]), ("excluded", summary["excluded"])]))
     log.info("split: thresholds %s (%s), sizes %s, excluded %s", [round(x, 4) for x in summary["thresholds"]],
              summary["difficulty"], summary["sizes"], summary["excluded"])

@@ -55,7 +55,7 @@ def teacher_spec(cfg: CftConfig) -> GenerationSpec:
     """The teacher's generation, from the teach section (and the run's label scheme) only."""
     t = cfg.teach
     return GenerationSpec(
-        section="teach", prompt="teacher", labels=cfg.prompt.labels,
+        section="teach", prompt="teacher", labels=cfg.prompt.labels, preset=cfg.prompt.preset,
         **{f: getattr(t, f) for f in GenerationSpec.__dataclass_fields__ if f not in ("section", "prompt", "labels")})
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cft_ray import layout, models, prompts, store
-from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig
+from cft_ray.config import CftConfig, ConfigError, ModelConfig, Phase, TrainConfig
 from cft_ray.layout import EXAMPLE_SCHEMA, IGNORE
 from cft_ray.train_loop import train_loop
 
@@ -81,12 +81,11 @@ def template_tail(tok, examples: list[tuple[list[dict], str]]) -> list[int]:
 class Tokenize:
     """Ray Data actor: routed rows (+ `text` on cot rows) -> EXAMPLE_SCHEMA rows, errors included."""
 
-    def __init__(self, model_dir: str, scheme: str, max_length: int, loss_on: str, truncation: str,
-                 trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    def __init__(self, model: ModelConfig, scheme: str, max_length: int, loss_on: str, truncation: str,
+                 preset: str = "paper"):
+        self.tok = models.load_tokenizer(model)
         self.scheme, self.max_length, self.loss_on, self.truncation = scheme, max_length, loss_on, truncation
+        self.preset = preset
 
     def __call__(self, t: pa.Table) -> pa.Table:
         rows = t.to_pylist()
@@ -94,7 +93,7 @@ class Tokenize:
         todo, pairs = [], []
         for i, r in enumerate(rows):
             try:
-                pairs.append(prompts.example(r, r["treatment"], self.scheme))
+                pairs.append(prompts.example(r, r["treatment"], self.scheme, self.preset))
                 todo.append(i)
             except ValueError as e:
                 built[i] = e
@@ -154,9 +153,10 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     return routed.map_batches(
         Tokenize, batch_format="pyarrow", batch_size=pool.batch_size,
         **pool.map_args(),
-        fn_constructor_kwargs={"model_dir": model_dir or models.resolve(cfg.student), "scheme": cfg.prompt.labels,
+        fn_constructor_kwargs={"model": cfg.student.model_copy(update={"name": model_dir}) if model_dir else cfg.student,
+                               "scheme": cfg.prompt.labels,
                                "max_length": tc.max_length, "loss_on": tc.loss_on, "truncation": tc.truncation,
-                               "trust_remote_code": cfg.student.trust_remote_code})
+                               "preset": cfg.prompt.preset})
 
 
 def pack(t: pa.Table, max_length: int) -> pa.Table:
@@ -276,7 +276,8 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "model_dir": init_dir,
-                           "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code},
+                           "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code,
+                           "chat_template": tok.chat_template if cfg.student.chat_template else None},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=tc.resources_per_worker or None),
         run_config=ray.train.RunConfig(

@@ -142,6 +142,7 @@ class Run:
     phases: list
     model_dir: str
     trust_remote_code: bool
+    chat_template: str | None
     rank: int
     world: int
     device: Any
@@ -217,7 +218,7 @@ def _setup(config: dict) -> Run:
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
              "params": n_params, "trainable_params": n_trainable}
     return Run(tc=tc, phases=config["phases"], model_dir=config["model_dir"],
-               trust_remote_code=config["trust_remote_code"], rank=rank, world=world, device=device,
+               trust_remote_code=config["trust_remote_code"], chat_template=config.get("chat_template"), rank=rank, world=world, device=device,
                engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),
                total_steps=total_steps, state=state, hf_ds_config=hf_ds_config)
 
@@ -385,7 +386,7 @@ def _report_final_model(run: Run) -> None:
 
     step = run.state["step"]
     tmp = tempfile.mkdtemp(prefix="cft-export-")
-    _export(run.engine, run.tc, run.model_dir, tmp, run.rank, run.trust_remote_code)
+    _export(run.engine, run.tc, run.model_dir, tmp, run.rank, run.trust_remote_code, run.chat_template)
     run.state["done"] = True
     if run.rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -396,7 +397,8 @@ def _report_final_model(run: Run) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(engine, tc, model_dir: str, out: str, rank: int, trust_remote_code: bool) -> None:
+def _export(engine, tc, model_dir: str, out: str, rank: int, trust_remote_code: bool,
+            chat_template: str | None = None) -> None:
     """Rank 0 writes out/model (safetensors, + tokenizer) and, for LoRA, out/adapter. ZeRO-3 weights
     are gathered first (a collective: every rank calls this)."""
     import deepspeed
@@ -426,7 +428,10 @@ def _export(engine, tc, model_dir: str, out: str, rank: int, trust_remote_code: 
     else:
         module.save_pretrained(os.path.join(out, "model"), state_dict={k: v.to(dtype) for k, v in sd.items()},
                                safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(os.path.join(out, "model"))
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if chat_template:  # the configured template travels with the trained model
+        tok.chat_template = chat_template
+    tok.save_pretrained(os.path.join(out, "model"))
 
 
 def _tracker(tc, config: dict):

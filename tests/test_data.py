@@ -137,3 +137,52 @@ def test_main_is_idempotent(ray_local, tmp_path):
     mtime = (tmp_path / out.split("/")[-1] / "manifest.json").stat().st_mtime
     assert data.main(cfg) == out
     assert (tmp_path / out.split("/")[-1] / "manifest.json").stat().st_mtime == mtime  # skipped, not redone
+
+
+MMLU_PRO_ROWS = [
+    {"question_id": 70, "question": "Which is a prime? ", "options": ["4", "6", "7", "9", "10", "12", "14", "15", "16", "21"],
+     "answer": "C", "answer_index": 2, "cot_content": "", "category": "math", "src": "ori_mmlu-x"},
+    {"question_id": 71, "question": "Largest planet?", "options": ["Mars", "Jupiter", "Venus", "Earth"],
+     "answer": "B", "answer_index": 1, "cot_content": "", "category": "physics", "src": "stemez"},
+]
+
+
+def test_mmlu_pro_layout_in_files_and_tsv_with_literal_lists(ray_local, tmp_path):
+    """MMLU-Pro's own field layout (question_id, options, answer letter + answer_index, category) is
+    recognised in files as for hf: sources, with no column mapping; TSV and CSV cells may hold the
+    option list as JSON or as a Python literal (what pandas and MMLU-Pro exports write)."""
+    (tmp_path / "pro.jsonl").write_text("\n".join(json.dumps(r) for r in MMLU_PRO_ROWS) + "\n")
+    tsv = tmp_path / "pro.tsv"
+    lines = ["question_id\tquestion\toptions\tanswer\tanswer_index\tcategory"]
+    for r, cell in zip(MMLU_PRO_ROWS, (repr(MMLU_PRO_ROWS[0]["options"]), json.dumps(MMLU_PRO_ROWS[1]["options"]))):
+        lines.append(f"{r['question_id']}\t{r['question']}\t{cell}\t{r['answer']}\t{r['answer_index']}\t{r['category']}")
+    tsv.write_text("\n".join(lines) + "\n")
+    for src in ("pro.jsonl", "pro.tsv"):
+        counts = data.ingest(DataConfig(source=str(tmp_path / src)), tmp_path / f"out-{src}")
+        assert counts["valid"] == 2 and counts["errors"] == 0, (src, counts)
+        got = {r["item_id"]: r for r in _read(tmp_path / f"out-{src}", "items").to_pylist()}
+        assert got["70"]["answer"] == 2 and got["71"]["answer"] == 1 and got["70"]["options"][2] == "7"
+        assert got["70"]["category"] == "math" and len(got["70"]["options"]) == 10
+    # a cell that is neither JSON nor a literal list is an error row naming both
+    tsv.write_text(lines[0] + "\n" + "1\tq?\tnot a list\tA\t0\tmath\n")
+    counts = data.ingest(DataConfig(source=str(tsv)), tmp_path / "bad")
+    assert counts["errors"] == 1 and "neither JSON nor a Python literal" in next(iter(counts["error_reasons"]))
+
+
+def test_zero_valid_rows_fail_in_one_line_and_mark_nothing_done(ray_local, tmp_path, capsys):
+    """A file whose rows all lack the gold answer: `data prepare` refuses to finish the stage, `data
+    inspect` shows the breakdown then exits 2; both end in one line naming the field to map."""
+    from cft_ray import cli
+    from cft_ray.layout import stage_dir
+
+    src = tmp_path / "noanswer.jsonl"
+    src.write_text("".join(json.dumps({"question": f"q{k}?", "options": ["a", "b"], "gold": 0}) + "\n" for k in range(5)))
+    run = tmp_path / "run"
+    assert cli.main(["data", "prepare", f"data.source={src}", f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0 of 5 rows are valid items" in err[0] and "data.columns.answer=" in err[0], err
+    assert not store.is_done(stage_dir(load_config(None, [f"data.source={src}", f"run_dir={run}"]), "data"))
+    assert cli.main(["data", "inspect", str(src)]) == 2
+    out, err = capsys.readouterr()
+    assert '"errors": 5' in out and "missing field 'answer'" in out
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cft-ray: data.source")

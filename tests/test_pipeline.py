@@ -140,7 +140,7 @@ def test_arms_train_evaluate_and_report(tiny_run):
     assert 0.5 <= got["calls (teach)"] <= 2 and 0.5 <= got["tokens x epochs (train caft)"] <= 2, got
     run = store.read_json(store.join(cfg.run_dir, "run_manifest.json"))
     assert run["versions"]["torch"] and run["versions"]["ray"] and run["config_hash"]
-    assert all(run["stages"][s]["wall_s"] is not None for s in pipeline._needed(cfg))
+    assert all(run["stages"][s]["wall_s"] is not None for s in pipeline.needed(cfg))
 
 
 @pytest.mark.heavy

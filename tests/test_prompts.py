@@ -16,12 +16,14 @@ def test_labels_both_schemes():
 def test_score_prompt_follows_the_paper():
     sys, user = prompts.score_messages(ITEM)
     assert sys["content"].startswith("The following are multiple choice questions about elementary mathematics.")
-    assert "ONLY the number" in sys["content"] and "ONLY the number" in user["content"]
+    assert "ONLY the NUMBER" in sys["content"] and "ONLY the NUMBER" in user["content"]  # byte-exact: test_paper_prompts.py
     assert user["content"].startswith("Question: 2+2?\nOptions:\n1. 3\n2. 4\n3. 5\nChoose one of the answers.")
     no_subject = prompts.score_messages({**ITEM, "subject": None})[0]["content"]
     assert no_subject.startswith("The following are multiple choice questions. ")
-    assert "answer 0" in prompts.score_messages(ITEM, fallback=True)[0]["content"]
+    assert "otherwise return 0" in prompts.score_messages(ITEM, fallback=True)[0]["content"]
     assert "A. 3" in prompts.score_messages(ITEM, "letters")[1]["content"]
+    assert "ONLY the LETTER" in prompts.score_messages(ITEM, "letters")[0]["content"]
+    assert "answer 0" in prompts.score_messages(ITEM, fallback=True, preset="cftray")[0]["content"]
 
 
 def test_gold_never_in_teacher_prompt():

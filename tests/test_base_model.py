@@ -1,0 +1,60 @@
+"""A base model (no chat template): with `student.chat_template=plain` the whole chain scores, trains
+and evaluates it; without the option the CLI fails on the driver, before Ray starts, in one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import build_tiny
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    d = build_tiny(tmp_path_factory.mktemp("base"), smollm2_dir, layers=1)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = None
+    for f in tmp_path_factory.getbasetemp().glob("base*/chat_template.jinja"):
+        f.unlink()
+    tok.save_pretrained(d)
+    assert not getattr(AutoTokenizer.from_pretrained(d), "chat_template", None), "the fixture must have no template"
+    return d
+
+
+def test_without_a_template_the_cli_fails_in_one_line_before_ray(base_model_dir, tmp_path):
+    started = time.time()
+    res = subprocess.run([sys.executable, "-m", "cft_ray.cli", "score", f"student.name={base_model_dir}",
+                          f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=120)
+    took = time.time() - started
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and lines, res.stderr[-2000:]
+    assert lines[-1].startswith("cft-ray: ") and "has no chat template" in lines[-1] and "student.chat_template" in lines[-1]
+    assert "Traceback" not in res.stderr and "Started a local Ray" not in res.stderr + res.stdout
+    assert took < 10, f"{took:.1f} s"  # interpreter + imports; the check itself needs no Ray
+
+
+@pytest.mark.heavy
+def test_plain_format_scores_trains_and_evaluates_a_base_model(base_model_dir, tmp_path, ray_local):
+    from cft_ray import pipeline, store
+    from cft_ray.config import load_config
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", "data.limit=40", f"student.name={base_model_dir}",
+                             "student.dtype=float32", "student.chat_template=plain", "split.exclude=[]",
+                             "split.test_fraction=0.25", "arms=[base, sft]", "eval.mode=direct",
+                             "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
+                             "train.precision=fp32", "train.max_length=512", "train.pool.size=1"])
+    report = pipeline.main(cfg)
+    arms = store.read_json(store.join(cfg.run_dir, "arms.json"))
+    assert set(arms) == {"base", "sft"} and all(a["sets"]["test"]["n"] == arms["base"]["sets"]["test"]["n"] > 0
+                                                for a in arms.values())
+    ex = store.columns(store.join(arms["sft"]["train_dir"], "examples"), ["input_ids", "labels"]).slice(0, 1).to_pylist()[0]
+    from transformers import AutoTokenizer
+    text = AutoTokenizer.from_pretrained(base_model_dir).decode(ex["input_ids"])
+    assert "Answer: [[" in text and "<|im_start|>" not in text, text[-200:]  # the plain format, not a chat
+    trained = AutoTokenizer.from_pretrained(store.join(arms["sft"]["train_dir"], "model"))
+    assert trained.chat_template and "Answer: " in trained.chat_template  # the template travels with the model
+    assert store.exists(report)

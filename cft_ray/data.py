@@ -155,8 +155,8 @@ def _list_cell(text: str) -> list:
 
 def columns_for(rec, cols: ColumnMap, explicit: bool) -> ColumnMap:
     """The column map for one record: the configured one, or (none configured) MMLU-Pro's own layout
-    when the record has its fields and not the canonical ones, as for hf: sources."""
-    if explicit or not isinstance(rec, dict) or cols.answer in rec or "answer_index" not in rec:
+    when the record has its id and answer-index fields (its `answer` is a letter), as for hf: sources."""
+    if explicit or not isinstance(rec, dict) or not {"answer_index", "question_id"} <= rec.keys():
         return cols
     return MMLU_PRO
 

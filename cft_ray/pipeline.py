@@ -112,10 +112,10 @@ def actions(cfg: CftConfig, dirs: dict, only: str | None, from_stage: str | None
     for name, val in (("--only", only), ("--from", from_stage)):
         if val is not None and val not in CHAIN:
             raise ConfigError(f"{name} {val!r}: stages are {', '.join(CHAIN)}")
-    needed = needed(cfg)
-    chosen = [only] if only else needed[needed.index(from_stage):] if from_stage in needed else needed
+    wanted = needed(cfg)
+    chosen = [only] if only else wanted[wanted.index(from_stage):] if from_stage in wanted else wanted
     out = []
-    for s in needed:
+    for s in wanted:
         if s not in chosen:
             out.append((s, "skip (not selected)"))
         elif from_stage:

@@ -445,8 +445,8 @@ def _summary(cfg: SplitConfig, cuts_fit: dict, files: dict[str, dict[tuple, int]
     }
 
 
-def _read_table(path: str, columns: list[str]) -> pa.Table:
-    """`columns` of a Parquet, JSONL, CSV or TSV file (local or object store), read on the driver."""
+def _read_table(path: str, id_column: str) -> pa.Table:
+    """A Parquet, JSONL, CSV or TSV file (local or object store), read on the driver; ids as text."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
@@ -454,17 +454,14 @@ def _read_table(path: str, columns: list[str]) -> pa.Table:
     fs, p = store._fs(path)
     ext = p.rsplit(".", 1)[-1].lower()
     if ext == "parquet":
-        return pq.read_table(p, columns=columns, filesystem=fs)
+        return pq.read_table(p, filesystem=fs)
     with fs.open_input_stream(p) as f:
         if ext in ("jsonl", "json", "ndjson"):
-            t = pajson.read_json(f)
-        elif ext in ("csv", "tsv"):
-            t = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t" if ext == "tsv" else ","),
-                               convert_options=pacsv.ConvertOptions(include_columns=columns,
-                                                                    column_types={columns[0]: pa.string()}))
-        else:
-            raise ConfigError(f"split.scores: cannot tell the format of {path} (.parquet, .jsonl, .csv or .tsv)")
-    return t.select(columns)
+            return pajson.read_json(f)
+        if ext in ("csv", "tsv"):
+            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t" if ext == "tsv" else ","),
+                                  convert_options=pacsv.ConvertOptions(column_types={id_column: pa.string()}))
+    raise ConfigError(f"split.scores: cannot tell the format of {path} (.parquet, .jsonl, .csv or .tsv)")
 
 
 def _external_columns(t: pa.Table, cfg: CftConfig) -> pa.Table:
@@ -491,13 +488,16 @@ def external_scores(cfg: CftConfig, data_dir: str):
     import ray
 
     sc = cfg.split
-    wanted = [sc.scores_id, sc.metric, *[c for c in ("valid", "unknown", sc.scores_answer) if c]]
     try:
-        table = _read_table(sc.scores, [c for c in wanted if c])
-    except (KeyError, ValueError, pa.ArrowInvalid) as e:
-        raise ConfigError(f"split.scores: {sc.scores} lacks a column the config names ({wanted}): {e}") from None
-    except OSError as e:
+        table = _read_table(sc.scores, sc.scores_id)
+    except (OSError, pa.ArrowInvalid) as e:
         raise ConfigError(f"split.scores: cannot read {sc.scores}: {e}") from None
+    need = [sc.scores_id, sc.metric, *([sc.scores_answer] if sc.scores_answer else [])]
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"split.scores: {sc.scores} has no column {missing} (split.scores_id / split.metric / "
+                          f"split.scores_answer); it has {table.column_names}")
+    table = table.select(need + [c for c in ("valid", "unknown") if c in table.column_names])
     table = table.rename_columns(["item_id", *table.column_names[1:]]).set_column(0, "item_id", table[0].cast(pa.string()))
     ids = pc.unique(table["item_id"])
     if len(ids) < table.num_rows:

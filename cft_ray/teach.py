@@ -56,7 +56,7 @@ def teacher_spec(cfg: CftConfig) -> GenerationSpec:
     t = cfg.teach
     return GenerationSpec(
         section="teach", prompt="teacher", labels=cfg.prompt.labels, preset=cfg.prompt.preset,
-        **{f: getattr(t, f) for f in GenerationSpec.__dataclass_fields__ if f not in ("section", "prompt", "labels")})
+        **{f: getattr(t, f) for f in GenerationSpec.__dataclass_fields__ if f not in ("section", "prompt", "labels", "preset")})
 
 
 def teach(ds, cfg: CftConfig, sample_idx: int = 0):

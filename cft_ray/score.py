@@ -200,9 +200,13 @@ class Scorer:
                 pos = position_ids[rows, -1:] + 1 + torch.arange(width, device=mask.device)
                 nxt = self.model(input_ids=ids.to(mask.device), attention_mask=m, position_ids=pos,
                                  past_key_values=_cache_rows(past, rows), use_cache=True).logits.float()
-                nxt = torch.log_softmax(nxt, -1)
+                # each label's later tokens, gathered at once (one device sync, not one per token)
+                target = torch.zeros((len(part), width), dtype=torch.long)
+                counted = torch.zeros((len(part), width), dtype=torch.bool)
                 for r, (*_, c) in enumerate(part):
-                    lp[r] += sum(nxt[r, t, c[t + 1]].item() for t in range(len(c) - 1))
+                    target[r, :len(c) - 1], counted[r, :len(c) - 1] = torch.tensor(c[1:]), True
+                got = torch.log_softmax(nxt, -1).gather(2, target.to(mask.device)[..., None])[..., 0]
+                lp = [a + b for a, b in zip(lp, got.masked_fill(~counted.to(mask.device), 0).sum(-1).tolist())]
             for (j, k, _), v in zip(part, lp):
                 out[j][k] = v
         return out

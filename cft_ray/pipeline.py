@@ -18,6 +18,7 @@ from typing import Callable
 
 from cft_ray import arms, data, layout, models, plan, report, score, select, split, store
 from cft_ray.config import CftConfig, ConfigError, config_hash
+from cft_ray.prompts import messages, prompt_ids
 
 log = logging.getLogger("cft_ray")
 
@@ -26,20 +27,19 @@ log = logging.getLogger("cft_ray")
 class Stage:
     name: str
     run: Callable[[CftConfig], str]  # config -> where its output is
-    doc: str
     chained: bool = True             # a step of `cft-ray run` (train and plan are commands only)
 
 
 STAGES = {s.name: s for s in [
-    Stage("data", data.main, "validate and prepare the corpus (items + errors Parquet)"),
-    Stage("score", score.main, "score every item with the student (entropy and friends)"),
-    Stage("split", split.main, "cut scored items into easy/medium/hard, hold out test sets, route"),
-    Stage("teach", arms.teach_for_arms, "teacher chain-of-thought for the rows the arms route to cot"),
-    Stage("select", select.main, "InstructDiff differential-entropy data selection"),
-    Stage("train", arms.train_arms, "Ray Train + DeepSpeed SFT of each arm", chained=False),
-    Stage("arms", arms.run_arms, "train (unless finished) and evaluate each arm: held-out accuracy"),
-    Stage("report", report.main, "the human report of the run (report.md + plots)"),
-    Stage("plan", plan.main, "estimate tokens, FLOPs and GPU-hours per stage before running", chained=False),
+    Stage("data", data.main),
+    Stage("score", score.main),
+    Stage("split", split.main),
+    Stage("teach", arms.teach_for_arms),
+    Stage("select", select.main),
+    Stage("train", arms.train_arms, chained=False),
+    Stage("arms", arms.run_arms),
+    Stage("report", report.main),
+    Stage("plan", plan.main, chained=False),
 ]}
 CHAIN = [name for name, s in STAGES.items() if s.chained]
 
@@ -68,16 +68,50 @@ def needed(cfg: CftConfig) -> list[str]:
     return [s for s in CHAIN if s not in skip]
 
 
-STUDENT_STAGES = {"score", "train", "arms", "select", "plan"}
-
-
 def preflight(cfg: CftConfig, stages: list[str]) -> None:
-    """What can fail on the driver fails there, before Ray starts: every model these stages load has a
-    tokenizer and a chat template (a ConfigError naming the option, not tracebacks from the actors)."""
-    if STUDENT_STAGES & set(stages):
-        models.load_tokenizer(cfg.student)
+    """What can fail on the driver fails there, before Ray starts, as a ConfigError naming the option (not
+    tracebacks from the actors): every model these stages load has a tokenizer and a chat template, the
+    labels tokenise apart, and the fixed part of every prompt leaves room within each length limit."""
+    room: list[tuple[str, int | None, int, str]] = []  # (field, its limit, tokens needed, what needs them)
+    if models.STUDENT_STAGES & set(stages):
+        tok = models.load_tokenizer(cfg.student)
+        score.check_labels(tok, cfg.prompt)
+        room += _student_room(cfg, stages, tok)
     if "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend != "openai":
-        models.load_tokenizer(cfg.teach.model)
+        need = _fixed_tokens(cfg, models.load_tokenizer(cfg.teach.model), "teacher") + cfg.teach.max_tokens
+        ctx = models.context_length(cfg.teach.model)
+        if cfg.teach.backend == "vllm":
+            room.append(("teach.engine_kwargs.max_model_len", cfg.teach.engine_kwargs.get("max_model_len") or ctx, need,
+                         "the teacher prompt's fixed part + teach.max_tokens"))
+            need = cfg.teach.engine_kwargs.get("max_model_len") or need
+        room.append((f"teach.model ({cfg.teach.model.name}) max_position_embeddings", ctx, need, "the teacher's engine"))
+    for field, limit, need, what in room:
+        if limit is not None and need > limit:
+            raise ConfigError(f"{field}: {limit} tokens < {need} for {what}; raise it or lower the budget")
+
+
+def _fixed_tokens(cfg: CftConfig, tok, kind: str) -> int:
+    """Tokens of a `kind` prompt before any question or option text: template, system message, instructions."""
+    blank = {"question": "", "options": [""] * 4}
+    return len(prompt_ids(tok, messages(kind, blank, cfg.prompt.labels, cfg.prompt.fallback, cfg.prompt.preset)))
+
+
+def _student_room(cfg: CftConfig, stages: list[str], tok) -> list[tuple[str, int | None, int, str]]:
+    ctx = models.context_length(cfg.student)
+    out = [(f"student ({cfg.student.name}) max_position_embeddings", ctx, cfg.train.max_length, "train.max_length")]
+    if "score" in stages:
+        out.append(("score.max_prompt_tokens", cfg.score.max_prompt_tokens, _fixed_tokens(cfg, tok, "score") + 1,
+                    "the score prompt's fixed part"))
+    if {"arms", "train"} & set(stages) and arms.needs_teacher(cfg):
+        out.append(("train.max_length", cfg.train.max_length, _fixed_tokens(cfg, tok, "cot") + cfg.teach.max_tokens,
+                    "a CoT example: its prompt's fixed part + teach.max_tokens"))
+    if "arms" in stages and cfg.eval.backend != "hf" and "generate" in [cfg.eval.mode, *cfg.eval.extra_modes]:
+        need = _fixed_tokens(cfg, tok, "cot") + cfg.eval.max_new_tokens
+        out.append(("eval.engine_kwargs.max_model_len", cfg.eval.engine_kwargs.get("max_model_len") or ctx, need,
+                    "the eval prompt's fixed part + eval.max_new_tokens"))
+        out.append((f"student ({cfg.student.name}) max_position_embeddings", ctx,
+                    cfg.eval.engine_kwargs.get("max_model_len") or need, "eval.engine_kwargs.max_model_len"))
+    return out
 
 
 def _reset(where) -> None:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from cft_ray import layout, metrics, models, store
 from cft_ray.batching import MicroBatcher, left_pad
-from cft_ray.config import ActorPool, CftConfig, ConfigError, ModelConfig
+from cft_ray.config import ActorPool, CftConfig, ConfigError, ModelConfig, PromptConfig
 from cft_ray.layout import ITEM_SCHEMA, SCORE_FIELDS, SCORE_SCHEMA
 from cft_ray.prompts import DIRECT_PREFIX, DIRECT_SUFFIX, label_to_index, labels, messages, render
 
@@ -65,6 +65,18 @@ def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str
             raise ConfigError(f"tokenizer produces no token for label {lab!r}")
         out[lab] = ids
     return out
+
+
+def check_labels(tok, prompt: PromptConfig) -> None:
+    """Driver check: the labels one answer token can tell apart (1..9 or A..T, and "0" under the fallback)
+    begin with different tokens; else two options share one probability and the entropy is not the student's."""
+    first = label_tokens(tok, prompt.labels, prompt.fallback, "score", "", prompt.preset)
+    seen: dict[int, str] = {}
+    for lab, ids in first.items():
+        if len(lab) == 1 and seen.setdefault(ids[0], lab) != lab:
+            other = "letters" if prompt.labels == "numbers" else "numbers"
+            raise ConfigError(f"prompt.labels={prompt.labels}: labels {seen[ids[0]]!r} and {lab!r} begin with the same "
+                              f"token under this tokenizer, so scoring cannot tell them apart; try prompt.labels={other}")
 
 
 class Scorer:

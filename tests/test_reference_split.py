@@ -78,3 +78,22 @@ def test_reference_fit_on_its_uniform_sample_recovers_its_thresholds(ray_local, 
                               "split.seed=7")
     assert other["thresholds"] == sj["thresholds"]
     assert set(rows7.loc[rows7.part == "test", "item_id"]) != set(rows.loc[rows.part == "test", "item_id"])
+
+
+def test_scores_kept_as_columns_of_the_source_file_split_it(ray_local, tmp_path):
+    """split.scores may name the source itself: its entropy column is read by the same id column."""
+    src = tmp_path / "scored.jsonl"
+    with src.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"question_id": 1000 + i, "question": f"Q{i}?", "options": ["a", "b", "c", "d"],
+                                "answer_index": i % 4, "category": "x", "entropy": i / 60}) + "\n")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source={src}", f"split.scores={src}",
+                             "split.scores_id=question_id", "split.metric=entropy", "split.method=thresholds",
+                             "split.thresholds=[0.25,0.75]", "split.norm_scale=1", "split.test_fraction=0",
+                             "split.valid_fraction=0", "split.cap_per_bucket=null"])
+    data.main(cfg)
+    out = split.main(cfg)
+    sj = store.read_json(store.join(out, "split.json"))
+    assert sj["scores_from"]["matched"] == 60 and sj["scores_from"]["items_without_score"] == 0
+    rows = store.columns(store.join(out, "train"), ["item_id", "bucket"]).to_pandas().set_index("item_id")["bucket"]
+    assert rows["1000"] == "easy" and rows["1030"] == "medium" and rows["1059"] == "hard"

@@ -224,7 +224,7 @@ class TrainConfig(_Base):
     tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Send metrics to MLflow or W&B through Ray Train's integrations.")
     tracking_project: str = Field("cft-ray", description="MLflow experiment / W&B project name (endpoints and keys come from their usual env vars).")
     truncation: Literal["keep_end", "keep_start", "drop"] = Field("keep_end", description="Rows over max_length: keep the end (cuts the prompt's start, keeps [[k]]), keep the start (cuts the target's end), or make them error rows.")
-    peak_tflops: float | None = Field(None, gt=0, description="Peak dense TFLOP/s of one worker's device in the training precision, for the MFU estimate (H100 bf16 989, A100 312); None = no MFU.")
+    peak_tflops: float | None = Field(None, gt=0, description="Peak dense TFLOP/s of one worker's device in the training precision, for the MFU; None = known GPUs from a table (H100 bf16 989, A100 312), CPUs by a short matmul probe.")
     log_every_steps: int = Field(10, ge=1, description="Log loss/throughput every N optimizer steps (the manifest keeps every step).")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage: more = older restore points, more disk (ZeRO optimizer state is ~12 bytes/trainable param).")
     shuffle_buffer_rows: int = Field(1024, ge=0, description="Per-worker shuffle buffer re-ordering each epoch (seeded, so resume replays it); 0 = same order every epoch.")

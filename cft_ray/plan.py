@@ -15,12 +15,13 @@ from cft_ray import data, layout, prompts, store
 from cft_ray.arms import select_cot, teacher_coverage
 from cft_ray.config import CftConfig, ModelConfig
 from cft_ray.models import load_tokenizer, resolve
+from cft_ray.train_loop import GPU_PEAK_TFLOPS
 
 log = logging.getLogger("cft_ray")
 
-# Dense bf16 peak TFLOP/s per device. "cpu" is this project's 2-core AMX box, measured on the
-# linear-layer shapes of SmolLM2 (bench/score.py), so plans for the embedded run can be checked.
-PEAK_TFLOPS = {"cpu": 2.0, "a10g": 125.0, "l4": 121.0, "l40s": 362.0, "a100": 312.0, "h100": 989.0, "h200": 989.0}
+# Dense bf16 peak TFLOP/s per device: the GPUs' from the table MFU uses, and "cpu" for the project's
+# 2-core AMX box, measured on the linear-layer shapes of SmolLM2 (bench/score.py).
+PEAK_TFLOPS = {"cpu": 2.0, **GPU_PEAK_TFLOPS}
 
 
 def param_count(cfg: ModelConfig, override_b: float | None = None) -> float:

@@ -318,7 +318,8 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
     n, trainable = state["params"], state["trainable_params"]
     flops_per_token = 6 * n if tc.method == "full" else 4 * n + 6 * trainable
     tps = tokens / step_s if step_s else 0.0
-    mfu = tps * flops_per_token / (tc.peak_tflops * 1e12 * tc.num_workers) if tc.peak_tflops else None
+    peak = state.get("peak_tflops")  # the config's, else the GPU table's or the CPU probe's (train_loop.device_peak)
+    mfu = tps * flops_per_token / (peak * 1e12 * tc.num_workers) if peak else None
     reported = []
     for p in phases:
         seen = [h for h in hist if h["phase"] == p["name"]]
@@ -331,7 +332,8 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
             "effective_batch": tc.num_workers * tc.micro_batch * tc.grad_accum,
             "steps": state["step"], "params": n, "trainable_params": trainable,
             "tokens": tokens, "tokens_per_s": round(tps, 2), "step_time_s": round(step_s, 3), "wall_s": round(wall_s, 3),
-            "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": tc.peak_tflops,
+            "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": peak,
+            "peak_source": state.get("peak_source"),
             "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in phases),
             "phases": reported, "resumes": state["resumes"], "checkpoints": state["checkpoints"],
             "loss_curve": [{k: h[k] for k in ("step", "phase", "epoch", "loss", "target_tokens", "lr", "grad_norm")}

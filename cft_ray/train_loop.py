@@ -62,6 +62,33 @@ def deepspeed_config(tc, world: int) -> dict:
     return cfg
 
 
+# Dense bf16/fp16 tensor-core peaks, TFLOP/s, keyed by a substring of the CUDA device name (first match).
+GPU_PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "a10g": 125.0}
+
+
+def device_peak(tc: TrainConfig, device) -> tuple[float | None, str]:
+    """(peak TFLOP/s of this worker, where it came from) for the MFU: the config's, else the GPU table
+    (bf16/fp16 only), else on CPU the best rate of a 512^3 matmul in the training precision on this
+    worker's threads, probed for ~0.3 s (what the cores reach, not a datasheet figure)."""
+    import torch
+
+    if tc.peak_tflops:
+        return tc.peak_tflops, "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        hit = next((k for k in GPU_PEAK_TFLOPS if k in name), None)
+        if hit is None or tc.precision == "fp32":
+            return None, f"unknown for {name} in {tc.precision}: set train.peak_tflops"
+        return GPU_PEAK_TFLOPS[hit], f"table: {hit}"
+    a = torch.randn(512, 512, dtype=getattr(torch, DTYPES[tc.precision]))
+    best, runs, end = float("inf"), 0, time.perf_counter() + 0.3
+    while runs < 3 or time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ a
+        best, runs = min(best, time.perf_counter() - t), runs + 1
+    return round(2 * 512**3 / best / 1e12, 4), f"probe: 512^3 {tc.precision} matmul, {torch.get_num_threads()} threads"
+
+
 def lr_factor(step: int, warmup: int, total: int, shape: str) -> float:
     if step < warmup:
         return step / max(1, warmup)
@@ -215,8 +242,9 @@ def _setup(config: dict) -> Run:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    peak, peak_source = device_peak(tc, device)
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
-             "params": n_params, "trainable_params": n_trainable}
+             "params": n_params, "trainable_params": n_trainable, "peak_tflops": peak, "peak_source": peak_source}
     return Run(tc=tc, phases=config["phases"], model_dir=config["model_dir"],
                trust_remote_code=config["trust_remote_code"], chat_template=config.get("chat_template"), rank=rank, world=world, device=device,
                engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cft_ray import prompts
-from cft_ray.config import load_config
+from cft_ray.config import TrainConfig, load_config
 from cft_ray.train import IGNORE, build_examples, pack, phase_datasets, resolve_phases, tokenize_examples
 from conftest import LLAMA3_TEMPLATE, PAPER_STUDENTS, QWEN_TEMPLATE, TEMPLATES, build_tiny
 
@@ -211,6 +211,20 @@ def test_lora_zero2_two_workers(lora_run):
     assert m["data_spent_target_tokens"] == sum(q["data_spent_target_tokens"] for q in m["phases"])
     assert m["tokens_per_s"] > 0 and p["valid_loss"] is not None
     assert [c["step"] for c in m["checkpoints"]] == [5, 10, 15, 20, 25]
+    # no train.peak_tflops: the CPU workers probe their matmul rate, so the MFU is there and below 1
+    assert m["peak_source"].startswith("probe: 512^3 fp32 matmul") and m["peak_tflops_per_worker"] > 0
+    assert 0 < m["mfu"] < 1
+
+
+def test_device_peak_from_config_probe_and_gpu_table():
+    from cft_ray.train_loop import GPU_PEAK_TFLOPS, device_peak
+
+    cpu = torch.device("cpu")
+    assert device_peak(TrainConfig(peak_tflops=3.5), cpu) == (3.5, "config")
+    peak, source = device_peak(TrainConfig(precision="fp32"), cpu)
+    assert 0 < peak < 50 and source.startswith("probe")  # a CPU core does < 50 TFLOP/s
+    # the table matches the longest names first: an L40S is not an L4
+    assert next(k for k in GPU_PEAK_TFLOPS if k in "nvidia l40s") == "l40s"
 
 
 @pytest.mark.heavy

@@ -207,6 +207,23 @@ def _merge(grouped: Iterable[pa.Table], keys: list[str]) -> dict[tuple, int]:
     return out
 
 
+def _nothing_to_bucket(narrow, cfg: SplitConfig) -> ConfigError:
+    """The one-line error when no row can be bucketed, with the counts that say why and what to change."""
+    import ray
+
+    by = _merge(ray.get(narrow.map_batches(_counts, batch_format="pyarrow", fn_kwargs={"keys": ["_role", "reason"]})
+                        .to_arrow_refs()), ["_role", "reason"])
+    why = {r: c for (_, r), c in by.items() if r}
+    held = sum(c for (role, _), c in by.items() if role == "test")
+    parts = [f"{sum(by.values()):,} scored", *(f"{c:,} {r}" for r, c in sorted(why.items(), key=lambda x: -x[1])),
+             f"{held:,} held out for test"]
+    hint = ("the student never answered with an option label: check prompt.labels, the chat template "
+            "(student.chat_template; plain for a base model) and the score stage's roc.json"
+            if why.get("invalid answer", 0) + why.get("unknown answer", 0) > sum(why.values()) / 2
+            else "lower split.test_fraction, or see the score stage's errors" if held else "see the score stage's errors")
+    return ConfigError(f"split: no row to bucket ({', '.join(parts)}); {hint}")
+
+
 def _tally(ds, keys: list[str]) -> dict[tuple, int]:
     """Row counts by `keys` in one Ray Data pass (only per-batch partial counts reach the driver);
     the key `_bin` is the histogram bin of `norm` over [0, 1], values outside clipped into the ends."""
@@ -282,6 +299,8 @@ def split(scored, cfg: SplitConfig) -> tuple:
             return order_stats((b["_d"] for b in sorted_d.iter_batches(batch_format="numpy", batch_size=None)), pos)
 
         dmin, dmax = sorted_at(np.array([0, n - 1])) if n else (None, None)
+    if n < 1:
+        raise _nothing_to_bucket(narrow, cfg)
     cuts_fit = fit_cuts(cfg, n, dmin, dmax, sorted_at)
     labelled = narrow.map_batches(label, batch_format="pyarrow", fn_kwargs={"cuts_fit": cuts_fit})
     cuts_fit["counts"] = _tally(labelled, ["_role", "bucket_idx", "_bin"])

@@ -122,6 +122,22 @@ def collate(batch: dict, pad_id: int) -> dict:
     return out
 
 
+def summed_loss(model, batch: dict, device):
+    """Cross-entropy summed over the batch's supervised tokens, the LM head applied only at positions
+    whose next token is supervised in some row (logits_to_keep): a direct answer supervises ~5 of ~200
+    positions, and the full [batch, seq, vocab] logits (600 MB in fp32 at 4 x 768 x 49k) cost memory
+    and ~20% of a small model's step. Equal to transformers' summed loss (tests/test_train.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"].to(device)[:, 1:]
+    keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+    inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
+    # no KV cache: training never reads it, and with one transformers ignores packed position_ids
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def state_fingerprint(engine) -> float:
     """Sum of |x| over the optimizer's master weights and moments, over all ranks: equal before a
     checkpoint and after restoring it, so a test (or a curious user) can see the restore was exact."""
@@ -343,9 +359,7 @@ def _optimizer_step(run: Run, batches, phase: str, epoch: int) -> bool:
     norm = counts[0].item() / (world * ga)  # see the module docstring
     loss_sum = 0.0
     for b in micro:
-        inputs = {k: v.to(run.device) for k, v in b.items() if torch.is_tensor(v)}
-        # no KV cache: training never reads it, and with one transformers ignores packed position_ids
-        loss = engine(**inputs, num_items_in_batch=norm, use_cache=False).loss
+        loss = summed_loss(engine, b, run.device) / norm
         engine.backward(loss)
         engine.step()
         loss_sum += loss.item()
@@ -400,8 +414,7 @@ def _valid_loss(engine, shard, tc, collate_fn, device) -> float | None:
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for b in shard.iter_torch_batches(batch_size=tc.micro_batch, collate_fn=collate_fn):
-            inputs = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-            total[0] += engine(**inputs, num_items_in_batch=1, use_cache=False).loss.item()
+            total[0] += summed_loss(engine, b, device).item()
             total[1] += b["n_target"]
     dist.all_reduce(total)
     engine.train()

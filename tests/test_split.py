@@ -369,3 +369,19 @@ def test_seeded_subset_is_exact_and_order_free():
     assert a == seeded_subset(list(reversed(ids)), 37, seed=5)
     assert a != seeded_subset(ids, 37, seed=6)
     assert seeded_subset(ids, 0, seed=5) == set()
+
+
+def test_a_student_that_never_answers_with_a_label_fails_in_one_line_with_the_counts(ray_local, tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    data = scored(80, seed=2)
+    data = data.set_column(data.column_names.index("valid"), "valid", pa.array([False] * 80))
+    data = data.set_column(data.column_names.index("unknown"), "unknown", pa.array([False] * 80))
+    fake_score_stage(cfg, data, parts=2)
+    n_err = int(data["error"].is_valid().to_numpy(zero_copy_only=False).sum())
+    with pytest.raises(ConfigError) as e:
+        sp.main(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("split: no row to bucket (80 scored, ")
+    assert f"{80 - n_err} invalid answer" in msg and "0 held out for test" in msg
+    assert "the student never answered with an option label" in msg and "student.chat_template" in msg
+    assert not store.is_done(stage_dir(cfg, "split"))

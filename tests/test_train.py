@@ -109,6 +109,32 @@ def test_packed_rows_train_like_separate_rows(tiny_model_dir, items):
     assert together == pytest.approx(alone, rel=1e-6)
 
 
+def test_loss_on_kept_logits_equals_transformers_summed_loss(tiny_model_dir, items):
+    """train_loop.summed_loss applies the LM head at supervised positions only: same value as transformers'
+    loss over every position, on a right-padded batch of short direct and long CoT rows and on packed rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cft_ray.train_loop import collate, summed_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pairs = [(prompts.direct_messages(it), prompts.marker(it["answer"])) for it in items[:3]]
+    pairs += [(prompts.cot_messages(it), "Step by step, the answer follows. " * 4 + prompts.marker(it["answer"]))
+              for it in items[3:5]]
+    res = tokenize_examples(tok, pairs, max_length=4096)
+    t = pa.table({"input_ids": [r[0] for r in res], "labels": [r[1] for r in res],
+                  "n_tokens": [len(r[0]) for r in res], "n_target": [sum(x != IGNORE for x in r[1][1:]) for r in res]})
+    packed = pack(t, max_length=2 * max(len(r[0]) for r in res))
+    for table in (t, packed):
+        batch = collate({c: table[c].to_pylist() for c in table.column_names}, tok.pad_token_id)
+        inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        with torch.no_grad():
+            want = model(**inputs, num_items_in_batch=1, use_cache=False).loss.item()
+            got = summed_loss(model, batch, "cpu").item()
+        assert got == pytest.approx(want, rel=1e-5)
+        assert want > 0 and batch["n_target"] == int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def test_schedules():
     cfg = load_config(None, ["train.schedule=curriculum"])
     assert [p.buckets for p in resolve_phases(cfg.train, BUCKETS)] == [["easy"], ["medium"], ["hard"]]

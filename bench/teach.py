@@ -88,11 +88,11 @@ def main() -> None:
     from cft_ray import models
     from cft_ray.config import ModelConfig
     from cft_ray.prompts import parse_marker, render, teacher_messages
-    from cft_ray.config import TeachConfig
+    from cft_ray.config import TeachConfig, auto_dtype
     from cft_ray.generate import answer_grammar, text_budget
 
     torch.set_num_threads(os.cpu_count() or 1)
-    mcfg = ModelConfig()
+    mcfg = ModelConfig(dtype=auto_dtype(gpu=False))  # both sides in this CPU's fast dtype
     tok, model = models.load(mcfg, device="cpu")
     items = mmlu_items(args.n)
     prompts = [render(tok, teacher_messages(it)) for it in items]

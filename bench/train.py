@@ -25,7 +25,7 @@ import time
 import torch
 
 from cft_ray import prompts
-from cft_ray.config import DataConfig, load_config
+from cft_ray.config import DataConfig, load_config, native_cpu_bf16
 from cft_ray.data import EMBEDDED, normalize, package_file
 from cft_ray.models import resolve
 
@@ -56,15 +56,6 @@ def mmlu_rows(n: int) -> tuple[list[dict], list[dict]]:
             if len(rows) == n:
                 break
     return rows, cot
-
-
-def native_bf16() -> bool:
-    """The CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, ~70x slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def peak_tflops(threads: int, hidden: int, inter: int, dtype) -> float:
@@ -156,7 +147,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--method", default="lora", choices=["lora", "full"])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if native_bf16() else "fp32",
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if native_cpu_bf16() else "fp32",
                     help="both sides' precision (default: bf16 on CPUs with native bf16, else fp32)")
     ap.add_argument("--peak-tflops-per-thread", type=float, default=None,
                     help="nominal peak per core in that precision; default: measure now")

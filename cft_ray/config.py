@@ -18,6 +18,22 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the offending field."""
 
 
+def native_cpu_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, ~70x slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no native bf16 assumed
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(gpu: bool) -> str:
+    """What dtype 'auto' means for a model run on a GPU (bf16: the paper's GPUs are Ampere or later) or on
+    this host's CPU type (a cluster's CPU nodes are assumed to be of the driver's type)."""
+    return "bfloat16" if gpu or native_cpu_bf16() else "float32"
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -33,7 +49,7 @@ class ModelConfig(_Base):
     name: str = Field("smollm2-135m-instruct", description="Embedded alias, local HF directory, .gguf file, or hub id (needs network): the model to load.")
     gguf_file: str | None = Field(None, description="GGUF file inside `name` when `name` is a directory of GGUF files.")
     revision: str | None = Field(None, description="Hub revision; pin it for reproducible runs.")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights/compute dtype: bf16 is ~3x fp32 on AMX CPUs and the GPU default; fp32 only for exactness checks.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights/compute dtype. 'auto' = bfloat16 where the stage's pool asks for GPUs or the CPU multiplies bf16 natively (AVX-512 BF16 / AMX: ~3x fp32), else float32 (elsewhere bf16 is emulated, ~70x slower); decided on the driver, recorded in the run manifest.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when the worker has a GPU, else cpu.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint: needed by some architectures, a code-execution risk.")
     cache_dir: str = Field("~/.cache/cft-ray/models", description="Where converted (GGUF -> safetensors) models are kept; on a cluster put it on shared or local disk.")
@@ -213,7 +229,7 @@ class TrainConfig(_Base):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: higher shards more state (less memory, more communication).")
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (DeepSpeed CPUAdam): fits bigger models, slower steps.")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only): the last resort for memory.")
-    precision: Literal["bf16", "fp32", "fp16"] = Field("bf16", description="Training precision: bf16 on AMX CPUs and Ampere+ GPUs.")
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field("auto", description="Training precision. 'auto' = bf16 with use_gpu or on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on clusters).")
     use_gpu: bool = Field(False, description="Workers take a GPU each and use nccl; False = CPU + gloo.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Resources per worker (CPU, custom node resources).")
@@ -343,10 +359,21 @@ class CftConfig(_Base):
             if len(names) != n:
                 raise ValueError(f"split.bucket_names: {len(names)} names for {n} buckets")
         _length_budgets_of(self)
+        _resolve_auto_precision(self)
         need = sorted(SELECT_ARMS & set(self.arms))
         if need and self.selection != "instructdiff":
             raise ValueError(f"selection: arms {need} train on the InstructDiff selection; set selection=instructdiff")
         return self
+
+
+def _resolve_auto_precision(cfg: "CftConfig") -> None:
+    """'auto' dtypes decided once, on the driver, so that the stage hashes and manifests name the real one."""
+    student_gpu = cfg.score.pool.num_gpus > 0 or cfg.eval.pool.num_gpus > 0 or cfg.train.use_gpu
+    for model, gpu in ((cfg.student, student_gpu), (cfg.teach.model, cfg.teach.pool.num_gpus > 0)):
+        if model.dtype == "auto":
+            model.dtype = auto_dtype(gpu)
+    if cfg.train.precision == "auto":
+        cfg.train.precision = {"bfloat16": "bf16", "float32": "fp32"}[auto_dtype(cfg.train.use_gpu)]
 
 
 def _length_budgets_of(cfg: "CftConfig") -> None:
@@ -394,7 +421,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"cannot read config {path}: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-    raw = _merge(CftConfig().model_dump(mode="json"), raw)
+    raw = _merge(CftConfig.model_construct().model_dump(mode="json"), raw)  # defaults, 'auto' unresolved
     for ov in overrides:
         key, sep, val = ov.partition("=")
         if not sep or not key:

@@ -271,7 +271,7 @@ def vllm_processor_config(spec: GenerationSpec, path: str | None = None):
         raise ConfigError(f"{spec.section}.temperature: vLLM's CPU build cannot sample with per-request seeds ('CPU "
                           f"Generator does not use offset'); use {spec.section}.temperature=0 on CPU, or {spec.section}.backend=hf")
     path = path or models.resolve(spec.model)
-    engine = {"tensor_parallel_size": spec.tensor_parallel_size, "dtype": spec.model.dtype, "load_format": "safetensors",
+    engine = {"tensor_parallel_size": spec.tensor_parallel_size, "dtype": models.resolved_dtype(spec.model, "cpu" if cpu else "cuda"), "load_format": "safetensors",
               "trust_remote_code": spec.model.trust_remote_code, "seed": spec.seed, **spec.engine_kwargs}
     pc_cfg = vLLMEngineProcessorConfig(
         model_source=path, engine_kwargs=engine, batch_size=spec.pool.batch_size, concurrency=spec.pool.size,

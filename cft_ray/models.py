@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cft_ray.config import ConfigError, ModelConfig
+from cft_ray.config import ConfigError, ModelConfig, auto_dtype
 from cft_ray.data import package_file
 from cft_ray.prompts import chat_template
 
@@ -121,6 +121,11 @@ def context_length(cfg: ModelConfig) -> int | None:
     return c.get("max_position_embeddings") or c.get("text_config", {}).get("max_position_embeddings")
 
 
+def resolved_dtype(cfg: ModelConfig, device: str) -> str:
+    """The config's dtype; 'auto' (left so only by a ModelConfig built outside a run config) by the device."""
+    return auto_dtype(device.startswith("cuda")) if cfg.dtype == "auto" else cfg.dtype
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -144,12 +149,13 @@ def load(cfg: ModelConfig, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = resolve(cfg)
+    device = device or device_of(cfg)
     tok = load_tokenizer(cfg, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, dtype=getattr(torch, cfg.dtype),
+            path, revision=cfg.revision, dtype=getattr(torch, resolved_dtype(cfg, device)),
             trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise ConfigError(f"model.name: cannot load {cfg.name} from safetensors ({e}); "
                           "pickled (.bin) checkpoints are refused") from e
-    return tok, model.to(device or device_of(cfg)).eval()
+    return tok, model.to(device).eval()

@@ -27,6 +27,18 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.student.dtype == "float32"
 
 
+def test_auto_precision_is_decided_on_the_driver_by_device():
+    from cft_ray.config import native_cpu_bf16
+
+    cpu = load_config(None, [])
+    want = ("bfloat16", "bf16") if native_cpu_bf16() else ("float32", "fp32")
+    assert (cpu.student.dtype, cpu.train.precision) == want and cpu.teach.model.dtype == want[0]
+    gpu = load_config(None, ["eval.pool.num_gpus=1", "train.use_gpu=true", "teach.pool.num_gpus=1"])
+    assert (gpu.student.dtype, gpu.train.precision, gpu.teach.model.dtype) == ("bfloat16", "bf16", "bfloat16")
+    fixed = load_config(None, ["student.dtype=float16", "train.precision=fp32"])
+    assert (fixed.student.dtype, fixed.train.precision) == ("float16", "fp32")
+
+
 @pytest.mark.parametrize("override, field", [
     ("score.token_budget=0", "score.token_budget"),
     ("score.pool.size=[3, 1]", "score.pool.size"),

@@ -14,8 +14,12 @@ def test_hf_directory(tiny_model_dir):
     assert tok.pad_token is not None and tok.chat_template
 
 
-def test_bf16_default(tiny_model_dir):
+def test_auto_dtype_is_bf16_only_where_bf16_is_native(tiny_model_dir):
+    from cft_ray.config import native_cpu_bf16
+
     _, model = load(ModelConfig(name=tiny_model_dir))
+    assert model.dtype == (torch.bfloat16 if native_cpu_bf16() else torch.float32)
+    _, model = load(ModelConfig(name=tiny_model_dir, dtype="bfloat16"))
     assert model.dtype == torch.bfloat16
 
 

@@ -24,6 +24,7 @@ rest teacher-forced on copies of the prompt's KV cache. The closing "]]" is what
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import re
@@ -49,6 +50,43 @@ def prompt_text(tok, item, kind: str, scheme: str, fallback: bool, preset: str =
     """The scored text: the score prompt, or the direct prompt plus the "[[" its answers start with."""
     text = render(tok, messages(kind, item, scheme, fallback, preset))
     return text + DIRECT_PREFIX if kind == "direct" else text
+
+
+PROMPT_COLUMNS = ("input_ids", "prompt_tokens", "error")  # what prompt_tokens adds for the Scorer
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_json: str):
+    """One tokenizer per task worker process and model (Ray reuses task workers, so this loads once)."""
+    return models.load_tokenizer(ModelConfig.model_validate_json(model_json))
+
+
+def prompt_tokens(batch: pa.Table, model_json: str, kind: str, scheme: str, fallback: bool, preset: str,
+                  max_tokens: int) -> pa.Table:
+    """Ray Data task (CPU, fused with the read): items -> the same rows plus PROMPT_COLUMNS, the scored
+    prompt's token ids, their count, and the error of a row that cannot be prompted or is over
+    `max_tokens`. Rendering and tokenising here keeps the model actors (GPUs) on the forward pass."""
+    tok = _tokenizer(model_json)
+    ids, n, err = [], [], []
+    for r in batch.select(ITEM_SCHEMA.names).to_pylist():
+        try:
+            t = tok(prompt_text(tok, r, kind, scheme, fallback, preset), add_special_tokens=False).input_ids
+        except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
+            ids.append(None), n.append(None), err.append(f"cannot build prompt: {type(e).__name__}: {e}")
+            continue
+        over = len(t) > max_tokens
+        ids.append(None if over else t), n.append(len(t))
+        err.append(f"prompt has {len(t)} tokens > score.max_prompt_tokens={max_tokens}" if over else None)
+    base = batch.drop_columns([c for c in PROMPT_COLUMNS if c in batch.column_names])
+    return base.append_column("input_ids", pa.array(ids, pa.list_(pa.int32()))) \
+        .append_column("prompt_tokens", pa.array(n, pa.int32())).append_column("error", pa.array(err, pa.string()))
+
+
+def prompt_args(cfg: CftConfig, prompt: str = "score", model: ModelConfig | None = None) -> dict:
+    """The keyword arguments of `prompt_tokens` for a Scorer of the same (cfg, prompt, model)."""
+    return {"model_json": (model or cfg.student).model_dump_json(), "kind": prompt, "scheme": cfg.prompt.labels,
+            "fallback": cfg.prompt.fallback and prompt == "score", "preset": cfg.prompt.preset,
+            "max_tokens": cfg.score.max_prompt_tokens}
 
 
 def label_tokens(tok, scheme: str = "numbers", fallback: bool = False, kind: str = "score",
@@ -96,7 +134,6 @@ class Scorer:
         self.kind = prompt
         self.scheme, self.fallback = cfg.prompt.labels, cfg.prompt.fallback and prompt == "score"
         self.preset = cfg.prompt.preset
-        self.max_tokens = cfg.score.max_prompt_tokens
         self.batcher = MicroBatcher(cfg.score.token_budget, cfg.score.max_padding, self.device)
         self.pad_id = self.tok.pad_token_id
         first = {lab: ids[0] for lab, ids in label_tokens(self.tok, self.scheme, self.fallback, prompt, "", self.preset).items()}
@@ -112,22 +149,12 @@ class Scorer:
                         type(self.model).__name__)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows carrying PROMPT_COLUMNS (from `prompt_tokens`) -> rows with SCORE_FIELDS; this actor only pads,
+        runs the model and does the maths."""
         rows = batch.select(ITEM_SCHEMA.names).to_pylist()
-        res = [{"prompt_tokens": None, "error": None} for _ in rows]
-        texts, todo = [], []
-        for i, r in enumerate(rows):
-            try:
-                texts.append(prompt_text(self.tok, r, self.kind, self.scheme, self.fallback, self.preset))
-                todo.append(i)
-            except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
-                res[i]["error"] = f"cannot build prompt: {type(e).__name__}: {e}"
-        enc = []
-        for i, ids in zip(todo, self.tok(texts, add_special_tokens=False).input_ids if texts else []):
-            res[i]["prompt_tokens"] = len(ids)
-            if len(ids) > self.max_tokens:
-                res[i]["error"] = f"prompt has {len(ids)} tokens > score.max_prompt_tokens={self.max_tokens}"
-            else:
-                enc.append((i, ids))
+        errors = batch["error"].to_pylist()
+        res = [{"prompt_tokens": n, "error": e} for n, e in zip(batch["prompt_tokens"].to_pylist(), errors)]
+        enc = [(i, ids) for i, (ids, e) in enumerate(zip(batch["input_ids"].to_pylist(), errors)) if e is None]
         for (i, _), reason in self.batcher.run(enc, lambda chunk: self._score(chunk, rows, res)):
             res[i]["error"] = reason
         return self._table(batch, rows, res)
@@ -238,7 +265,8 @@ class Scorer:
             r["label_collision"] = bool(self.shared.get(len(row["options"])))
         cols = [batch.column(f.name).cast(f.type) for f in ITEM_SCHEMA]
         cols += [pa.array([r.get(f.name) for r in res], f.type) for f in SCORE_FIELDS]
-        extra = [f for f in batch.schema if f.name not in SCORE_SCHEMA.names]  # e.g. bucket, in evaluation
+        extra = [f for f in batch.schema  # e.g. bucket, in evaluation
+                 if f.name not in SCORE_SCHEMA.names and f.name not in PROMPT_COLUMNS]
         return pa.Table.from_arrays(cols + [batch.column(f.name) for f in extra],
                                     schema=pa.schema([*SCORE_SCHEMA, *extra]))
 
@@ -255,6 +283,7 @@ def score(ds, cfg: CftConfig, prompt: str = "score", model: ModelConfig | None =
     """Items Dataset -> scored Dataset (ITEM_SCHEMA + SCORE_FIELDS), on an actor pool (score.pool unless
     given). Extra input columns pass through; `prompt` is "score" (step 1) or "direct" (evaluation)."""
     pool = pool or cfg.score.pool
+    ds = ds.map_batches(prompt_tokens, batch_format="pyarrow", fn_kwargs=prompt_args(cfg, prompt, model))
     # Blocks of one batch: upstream files may be one big block, which would feed a single actor.
     ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
     return ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "prompt": prompt, "model": model, "pool": pool},

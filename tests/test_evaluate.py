@@ -90,15 +90,16 @@ def test_direct_mode_picks_the_label_with_the_likeliest_whole_answer(marker_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cft_ray.config import ModelConfig
-    from cft_ray.score import Scorer, prompt_text
+    from cft_ray.score import Scorer, prompt_args, prompt_text, prompt_tokens
 
     model_dir, trained, _ = marker_model
     cfg = load_config(None, ["score.token_budget=600"])  # several cache copies per micro-batch
-    scorer = Scorer(cfg, prompt="direct", model=ModelConfig(name=model_dir, dtype="float32"))
+    model = ModelConfig(name=model_dir, dtype="float32")
+    scorer = Scorer(cfg, prompt="direct", model=model)
     more = [it | {"item_id": f"x{k}", "options": (it["options"] * 5)[:n], "answer": 0}
             for k, (it, n) in enumerate(zip(_items(7), (4, 9, 10, 15, 20, 19, 13)))]
     items = trained + more
-    got = scorer(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)).to_pylist()
+    got = scorer(prompt_tokens(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), **prompt_args(cfg, "direct", model))).to_pylist()
     tok = AutoTokenizer.from_pretrained(model_dir)
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     picks = []

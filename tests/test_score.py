@@ -60,8 +60,9 @@ def _reference(model, tok, item, gen_tokens=1):
 
 
 def _check_parity(model_dir, items, atol):
-    scorer = score.Scorer(_cfg(model_dir))
-    got = scorer(_table(items)).to_pylist()
+    cfg = _cfg(model_dir)
+    scorer = score.Scorer(cfg)
+    got = scorer(score.prompt_tokens(_table(items), **score.prompt_args(cfg))).to_pylist()
     digit = [scorer.tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
     for it, row in zip(items, got):
         logits, _ = _reference(scorer.model, scorer.tok, it)
@@ -145,9 +146,10 @@ def _rigged_model(out_dir, tok_dir, first: str, second: str):
     (["prompt.labels=letters"], "C", ".", 2, 2),
 ])
 def test_answer_parsing_matches_generate(tmp_path, tiny_model_dir, items, over, first, second, pred_four, pred_ten):
-    scorer = score.Scorer(_cfg(_rigged_model(tmp_path / "m", tiny_model_dir, first, second), *over))
+    cfg = _cfg(_rigged_model(tmp_path / "m", tiny_model_dir, first, second), *over)
+    scorer = score.Scorer(cfg)
     four, ten = items[0], items[-1]
-    got = scorer(_table([four, ten])).to_pylist()
+    got = scorer(score.prompt_tokens(_table([four, ten]), **score.prompt_args(cfg))).to_pylist()
     ids = scorer.tok(render(scorer.tok, score_messages(ten, scorer.scheme, scorer.fallback)),
                      add_special_tokens=False, return_tensors="pt")
     gen = scorer.model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=scorer.tok.pad_token_id)
@@ -170,16 +172,17 @@ class _OomScorer(score.Scorer):
 
 def test_oom_halves_micro_batch_and_results_unchanged(tiny_model_dir, items):
     cfg = _cfg(tiny_model_dir, "score.token_budget=100000")
-    ref = score.Scorer(cfg)(_table(items)).to_pylist()
+    batch = score.prompt_tokens(_table(items), **score.prompt_args(cfg))
+    ref = score.Scorer(cfg)(batch).to_pylist()
     s = _OomScorer(cfg)
-    got = s(_table(items)).to_pylist()
+    got = s(batch).to_pylist()
     assert s.max_rows is not None and s.max_rows <= 2
     assert all(r["error"] is None for r in got)
     for a, b in zip(ref, got):
         assert a["item_id"] == b["item_id"] and a["argmax_id"] == b["argmax_id"]
         assert a["entropy"] == pytest.approx(b["entropy"], abs=FP32_ATOL)
     s.limit = 0  # even one row does not fit: the rows become error records, the batch survives
-    got = s(_table(items[:3])).to_pylist()
+    got = s(batch.slice(0, 3)).to_pylist()
     assert [r["item_id"] for r in got] == [it["item_id"] for it in items[:3]]
     assert all(r["error"].startswith("scoring failed: OutOfMemoryError") and not r["valid"] for r in got)
 

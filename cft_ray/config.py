@@ -226,6 +226,7 @@ class TrainConfig(_Base):
     loss_on: Literal["assistant", "all"] = Field("assistant", description="Train on answer tokens only (default) or all tokens (paper).")
     packing: bool = Field(False, description="Pack several short rows per sequence: fewer pad tokens, needs position resets.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: ~30% slower, much less memory (needed at 3B+ on one GPU).")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field("sdpa", description="Attention kernel of the trained model: sdpa (torch's, CPU and GPU); flash_attention_2 on Ampere+ GPUs with flash-attn installed (packed rows then run varlen, without a block mask); eager only to debug.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: higher shards more state (less memory, more communication).")
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (DeepSpeed CPUAdam): fits bigger models, slower steps.")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only): the last resort for memory.")

@@ -252,7 +252,7 @@ def _setup(config: dict) -> Run:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
-        trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=tc.use_gpu)
+        trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)  # one kernel per step, CUDA and CPU alike
     total_steps = sum(p["steps"] for p in config["phases"])
     schedule = functools.partial(lr_factor, warmup=tc.warmup_steps, total=total_steps, shape=tc.lr_schedule)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -278,6 +278,7 @@ def _load_model(tc: TrainConfig, ds_cfg: dict, model_dir: str, trust_remote_code
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[tc.precision]),
+                                                 attn_implementation=tc.attn_implementation,
                                                  trust_remote_code=trust_remote_code, use_safetensors=True)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

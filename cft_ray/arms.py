@@ -279,7 +279,8 @@ def run_arm(cfg: CftConfig, arm: str, rows, subsets: dict[str, set[str]], dirs: 
     if train_dir:
         tm = store.read_json(store.join(train_dir, "train_manifest.json"))
         metrics["train"] = {k: tm.get(k) for k in ("steps", "tokens_per_s", "mfu", "wall_s", "schedule", "effective_batch")}
-        metrics["epochs"] = {p["name"]: p["epochs"] for p in tm["phases"] if p["steps"]}
+        # a list: JSON dicts are written with sorted keys, which would show curriculum's phases out of order
+        metrics["epochs"] = [[p["name"], p["epochs"]] for p in tm["phases"] if p["steps"]]
     store.write_json(store.join(eval_dir, "metrics.json"), metrics)
     store.finish(eval_dir, {"stage": f"eval:{arm}", "config_hash": layout.dir_hash(eval_dir),
                             "duration_s": round(time.time() - started, 2),
@@ -304,7 +305,7 @@ def run_arms(cfg: CftConfig) -> str:
     store.write_json(store.join(cfg.run_dir, "comparisons.json"), compare_arms(cfg, dirs, summary))
     out = store.join(cfg.run_dir, "arms.json")
     store.write_json(out, {a: {"eval_dir": dirs[a][1], "train_dir": dirs[a][0],
-                               "epochs": summary[a].get("epochs", {}),
+                               "epochs": summary[a].get("epochs", []),
                                **{k: summary[a].get(k) for k in ("sets", "by_mode", "data_spent", "prompt", "mode")}}
                            for a in cfg.arms})
     return out

@@ -208,6 +208,13 @@ PROTOCOLS = {"generate": "greedy decoding of the arm's own prompt, last [[k]] pa
              "direct": "direct prompt, the label whose whole answer '[[k]]' is likeliest (one forward)"}
 
 
+def phase_epochs(phases: list) -> str:
+    """Epochs per training phase in training order, named when there are several: "0.5 easy + 0.5 medium + 1 hard"."""
+    if len(phases) == 1:
+        return f"{phases[0][1]:g}"
+    return " + ".join(f"{e:g} {name}" for name, e in phases) or "-"
+
+
 def _section_arms(run_dir: str, rdir: str) -> list[str]:
     """Held-out accuracy and data spent per arm under the headline protocol (other protocols as extra
     columns), CAFT's saving over distillation; draws the arm plots."""
@@ -221,7 +228,8 @@ def _section_arms(run_dir: str, rdir: str) -> list[str]:
     for a, v in arms.items():
         t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
         d = v["data_spent"]
-        epochs = " + ".join(f"{e:g}" for e in v.get("epochs", {}).values()) or "-"
+        e = v.get("epochs") or []
+        epochs = phase_epochs(list(e.items()) if isinstance(e, dict) else e)  # a dict: written before the list
         rows.append([a, v["prompt"], epochs, _acc(t), t["n"], _acc(b), t["parse_failure_rate"],
                      *[_acc(v["by_mode"][m]["test"]) for m in extra],
                      d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])

@@ -109,3 +109,12 @@ def test_paired_comparisons_and_their_report_table(tmp_path):
     store.write_json(store.join(cfg.run_dir, "comparisons.json"), comp)
     text = "\n".join(report._section_comparisons(cfg.run_dir))
     assert "| caft vs base | generate | test | 200 | +0.175 |" in text and "| caft vs base | direct | test | 200 | +0.000 |" in text
+
+
+def test_report_shows_each_arms_epochs_in_training_order(tmp_path):
+    """Curriculum trains easy, medium, hard: written through the store (sorted JSON keys) and read back,
+    the report must still say so (a dict once came back as easy, hard, medium)."""
+    store.write_json(str(tmp_path / "m.json"), {"epochs": [["easy", 0.5], ["medium", 0.5], ["hard", 1.0]]})
+    back = store.read_json(str(tmp_path / "m.json"))["epochs"]
+    assert report.phase_epochs(back) == "0.5 easy + 0.5 medium + 1 hard"
+    assert report.phase_epochs([["merged", 2.0]]) == "2" and report.phase_epochs([]) == "-"

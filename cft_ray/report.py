@@ -208,11 +208,24 @@ PROTOCOLS = {"generate": "greedy decoding of the arm's own prompt, last [[k]] pa
              "direct": "direct prompt, the label whose whole answer '[[k]]' is likeliest (one forward)"}
 
 
+def _phases(arm: dict) -> list:
+    """[name, epochs(, why skipped)] per training phase in training order, from the arm's train manifest
+    (it also names the phases that had too few rows to train), else from its metrics."""
+    tm_path = store.join(arm["train_dir"], "train_manifest.json") if arm.get("train_dir") else None
+    if tm_path and store.exists(tm_path):
+        return [[p["name"], p["epochs"], *([p["skipped"]] if p.get("skipped") else [])]
+                for p in store.read_json(tm_path)["phases"] if p["steps"] or p.get("skipped")]
+    e = arm.get("epochs") or []
+    return list(e.items()) if isinstance(e, dict) else e  # a dict: metrics written before the list
+
+
 def phase_epochs(phases: list) -> str:
-    """Epochs per training phase in training order, named when there are several: "0.5 easy + 0.5 medium + 1 hard"."""
-    if len(phases) == 1:
+    """Epochs per training phase in training order, named when there are several: "0.5 easy + 0.5 medium + 1 hard";
+    a phase that could not train shows 0 epochs and why."""
+    if len(phases) == 1 and len(phases[0]) == 2:
         return f"{phases[0][1]:g}"
-    return " + ".join(f"{e:g} {name}" for name, e in phases) or "-"
+    return " + ".join(f"{e:g} {name}" if not why else f"0 {name} (skipped: {why[0]})"
+                      for name, e, *why in phases) or "-"
 
 
 def _section_arms(run_dir: str, rdir: str) -> list[str]:
@@ -228,8 +241,7 @@ def _section_arms(run_dir: str, rdir: str) -> list[str]:
     for a, v in arms.items():
         t, b = v["sets"]["test"], v["sets"].get("test_balanced", {})
         d = v["data_spent"]
-        e = v.get("epochs") or []
-        epochs = phase_epochs(list(e.items()) if isinstance(e, dict) else e)  # a dict: written before the list
+        epochs = phase_epochs(_phases(v))
         rows.append([a, v["prompt"], epochs, _acc(t), t["n"], _acc(b), t["parse_failure_rate"],
                      *[_acc(v["by_mode"][m]["test"]) for m in extra],
                      d["target_tokens"], d["teacher_calls"], d["teacher_tokens_out"]])

@@ -118,3 +118,6 @@ def test_report_shows_each_arms_epochs_in_training_order(tmp_path):
     back = store.read_json(str(tmp_path / "m.json"))["epochs"]
     assert report.phase_epochs(back) == "0.5 easy + 0.5 medium + 1 hard"
     assert report.phase_epochs([["merged", 2.0]]) == "2" and report.phase_epochs([]) == "-"
+    # a phase with fewer rows than one global batch did not train: the table must not hide it
+    skipped = [["direct", 1.0], ["cot", 1.0, "7 rows < one global batch of 8"]]
+    assert report.phase_epochs(skipped) == "1 direct + 0 cot (skipped: 7 rows < one global batch of 8)"

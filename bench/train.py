@@ -71,6 +71,20 @@ def peak_tflops(threads: int, hidden: int, inter: int, dtype) -> float:
     return 2 * 2048 * hidden * inter * n / (time.perf_counter() - t) / 1e12
 
 
+def step_timer(seen: dict):
+    """A Trainer callback adding each optimizer step's wall time to seen["step_s"] (HF Trainer and TRL alike)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            seen["step_s"] += time.perf_counter() - self.t
+
+    return Timer()
+
+
 def run_cft(ray, rows, cot, model_dir, args, packing: bool, workers: int) -> dict:
     """cft-ray's train stage with `workers` workers of args.workers / workers threads each (same cores)."""
     from cft_ray.train import build_examples, train
@@ -95,7 +109,7 @@ def run_hf(rows, cot, model_dir, args) -> dict:
     """The usual single-process recipe: HF Trainer with fp32 weights (+ bf16 autocast under --precision
     bf16), the same rows in the same global batch, dynamic padding, the same LoRA config and optimizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from cft_ray.train import tokenize_examples
 
@@ -115,13 +129,6 @@ def run_hf(rows, cot, model_dir, args) -> dict:
                 "labels": torch.tensor(pad([b["labels"] for b in batch], -100)),
                 "attention_mask": torch.tensor(pad([[1] * len(b["input_ids"]) for b in batch], 0))}
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            seen["step_s"] += time.perf_counter() - self.t
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if args.method == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
@@ -135,7 +142,7 @@ def run_hf(rows, cot, model_dir, args) -> dict:
                                   use_cpu=True, save_strategy="no", report_to=[], logging_steps=10**6,
                                   dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch")
         t = time.time()
-        Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Timer()]).train()
+        Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[step_timer(seen)]).train()
         wall = time.time() - t
     return {"tokens": seen["tokens"], "step_time_s": seen["step_s"], "tokens_per_s": seen["tokens"] / seen["step_s"],
             "params": n, "trainable_params": trainable, "end_to_end_s": wall}
@@ -146,7 +153,7 @@ def run_trl(rows, cot, model_dir, args) -> dict:
     same chat template and masks the prompt), the same LoRA config, batch, steps and precision as run_hf."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(args.workers)
@@ -158,13 +165,6 @@ def run_trl(rows, cot, model_dir, args) -> dict:
                          else prompts.marker(r["answer"])}]} for r in rows])
     seen = {"step_s": 0.0}
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            seen["step_s"] += time.perf_counter() - self.t
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM") \
         if args.method == "lora" else None
@@ -175,7 +175,7 @@ def run_trl(rows, cot, model_dir, args) -> dict:
                           logging_steps=10**6, max_length=args.max_length, packing=False, dataloader_num_workers=0)
         t = time.time()
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, peft_config=peft,
-                             callbacks=[Timer()])
+                             callbacks=[step_timer(seen)])
         trainer.train()
         wall = time.time() - t
         tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])  # one epoch: every row once

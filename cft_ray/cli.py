@@ -2,8 +2,9 @@
 (cft_ray.pipeline.STAGES), plus `run` (the chain), `data inspect` and `report <run dir>`.
 
 This file only parses arguments, checks on the driver what can fail there, starts or joins Ray, and
-prints where the output is. It imports the stages (torch, scipy, transformers: ~4 s) only after the
-checks that need none of them, so a wrong config fails in about a second. `jobs/*.py` call `job()`.
+prints where the output is. No module of the package imports torch, scipy, transformers or Ray at
+import time (each imports them where it computes), so a config the first checks reject fails in about
+a second. `jobs/*.py` call `job()`.
 """
 from __future__ import annotations
 
@@ -15,23 +16,13 @@ import tempfile
 
 import pyarrow.parquet as pq
 
-from cft_ray import data, models, report, store
+from cft_ray import data, models, pipeline, report, store
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
+from cft_ray.pipeline import STAGES
 from cft_ray.runtime import init_ray
 
 ALIASES = {"arms": ["evaluate"]}  # `cft-ray evaluate` (and jobs/evaluate.py) predate the arms module
-COMMANDS = {  # one per entry of pipeline.STAGES, plus run (tests/test_jobs.py holds them equal)
-    "data": "validate and prepare the corpus (items + errors Parquet)",
-    "score": "score every item with the student (entropy and friends)",
-    "split": "cut scored items into easy/medium/hard, hold out test sets, route",
-    "teach": "teacher chain-of-thought for the rows the arms route to cot",
-    "select": "InstructDiff differential-entropy data selection",
-    "train": "Ray Train + DeepSpeed SFT of each arm",
-    "arms": "train (unless finished) and evaluate each arm: held-out accuracy",
-    "report": "the human report of the run (report.md + plots)",
-    "plan": "estimate tokens, FLOPs and GPU-hours per stage before running",
-    "run": "the whole pipeline, skipping finished stages",
-}
+COMMANDS = {**{n: s.doc for n, s in STAGES.items()}, "run": "the whole pipeline, skipping finished stages"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -96,13 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
         if args.cmd == "run" or stage in models.STUDENT_STAGES:
             models.check_template_files(cfg.student)
-        from cft_ray import pipeline  # the stages import torch and scipy (~4 s): only after the checks above
         pipeline.preflight(cfg, pipeline.needed(cfg) if args.cmd == "run" else [stage])
         init_ray(cfg.ray)
         if args.cmd == "run":
             out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = pipeline.STAGES[stage].run(cfg)
+            out = STAGES[stage].run(cfg)
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

@@ -8,11 +8,12 @@ entropy is made of.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from cft_ray import store
+
+if TYPE_CHECKING:  # torch is imported where it computes: the CLI reaches this module before its fast checks
+    import torch
 
 EPS = 1e-12  # the paper's h = -sum p ln(p + 1e-12)
 
@@ -24,6 +25,8 @@ SCORE_METRICS = {"entropy": "uncertainty", "entropy_options": "uncertainty", "ce
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Full-distribution entropy in nats over the last axis."""
+    import torch
+
     p = torch.softmax(logits.float(), dim=-1)
     return -(p * torch.log(p + EPS)).sum(-1)
 
@@ -31,6 +34,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def subset_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax renormalised over `ids` [..., K] (entries where `mask` is False are
     padding: rows may have different numbers of options)."""
+    import torch
+
     sub = logits.float().gather(-1, ids).masked_fill(~mask, float("-inf"))
     p = torch.softmax(sub, dim=-1)
     return -(p * torch.log(p + EPS)).sum(-1)
@@ -38,6 +43,8 @@ def subset_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) 
 
 def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """-log softmax(logits)[target] over the full vocabulary (target has the leading shape)."""
+    import torch
+
     x = logits.float()
     return torch.logsumexp(x, dim=-1) - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
@@ -45,6 +52,8 @@ def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(max probability, top-1 minus top-2 probability, argmax id). The id comes from argmax, which
     breaks ties towards the lowest id like greedy decoding (ties are common in bf16 logits)."""
+    import torch
+
     p = torch.softmax(logits.float(), dim=-1)
     vals = p.topk(2, dim=-1).values
     return vals[..., 0], vals[..., 0] - vals[..., 1], logits.argmax(-1)

@@ -27,19 +27,20 @@ log = logging.getLogger("cft_ray")
 class Stage:
     name: str
     run: Callable[[CftConfig], str]  # config -> where its output is
+    doc: str
     chained: bool = True             # a step of `cft-ray run` (train and plan are commands only)
 
 
 STAGES = {s.name: s for s in [
-    Stage("data", data.main),
-    Stage("score", score.main),
-    Stage("split", split.main),
-    Stage("teach", arms.teach_for_arms),
-    Stage("select", select.main),
-    Stage("train", arms.train_arms, chained=False),
-    Stage("arms", arms.run_arms),
-    Stage("report", report.main),
-    Stage("plan", plan.main, chained=False),
+    Stage("data", data.main, "validate and prepare the corpus (items + errors Parquet)"),
+    Stage("score", score.main, "score every item with the student (entropy and friends)"),
+    Stage("split", split.main, "cut scored items into easy/medium/hard, hold out test sets, route"),
+    Stage("teach", arms.teach_for_arms, "teacher chain-of-thought for the rows the arms route to cot"),
+    Stage("select", select.main, "InstructDiff differential-entropy data selection"),
+    Stage("train", arms.train_arms, "Ray Train + DeepSpeed SFT of each arm", chained=False),
+    Stage("arms", arms.run_arms, "train (unless finished) and evaluate each arm: held-out accuracy"),
+    Stage("report", report.main, "the human report of the run (report.md + plots)"),
+    Stage("plan", plan.main, "estimate tokens, FLOPs and GPU-hours per stage before running", chained=False),
 ]}
 CHAIN = [name for name, s in STAGES.items() if s.chained]
 

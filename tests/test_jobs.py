@@ -21,12 +21,3 @@ def test_entrypoints_shadow_no_module_and_name_a_stage():
         assert f.stem not in sys.stdlib_module_names, f
         stage = re.search(r'job\("(\w+)"\)', f.read_text()).group(1)
         assert stage in STAGES, f
-
-
-def test_every_stage_is_a_command():
-    """The CLI lists its commands without importing the stages (so a bad config fails fast): the list
-    must stay the registry's."""
-    from cft_ray import pipeline
-    from cft_ray.cli import COMMANDS
-
-    assert set(COMMANDS) == set(pipeline.STAGES) | {"run"}

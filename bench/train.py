@@ -95,6 +95,7 @@ def run_cft(ray, rows, cot, model_dir, args, packing: bool, workers: int) -> dic
         f"train.resources_per_worker={{CPU: {args.workers // workers}}}", "train.zero_stage=2",
         f"train.precision={args.precision}", f"student.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
         "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
+        f"teach.max_tokens={args.max_length // 2}",  # no teacher here; only the length-budget check reads it
         f"train.packing={packing}", f"train.max_length={args.max_length}", "train.pool.size=1",
         f"train.peak_tflops={args.peak_worker * args.workers / workers}"])
     with tempfile.TemporaryDirectory() as out:
@@ -212,7 +213,9 @@ def main() -> None:
         peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size, dtype)
     rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
     hf = run_hf(rows, cot, model_dir, args)
+    print(f"HF Trainer: {hf['tokens_per_s']:.1f} tokens/s", flush=True)  # each side as it finishes
     trl = run_trl(rows, cot, model_dir, args)
+    print(f"TRL SFTTrainer: {trl['tokens_per_s']:.1f} tokens/s", flush=True)
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     ours = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=args.workers)
     packed = run_cft(ray, rows, cot, model_dir, args, packing=True, workers=args.workers)

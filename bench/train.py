@@ -186,6 +186,17 @@ def run_trl(rows, cot, model_dir, args) -> dict:
             "params": n, "trainable_params": trainable, "end_to_end_s": wall}
 
 
+def cft_only(rows, cot, model_dir, args) -> None:
+    """Only cft-ray's layouts (the peers' figures from an earlier run on the same rows and steps)."""
+    import ray
+
+    ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    for workers in (args.workers, 1):
+        m = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=workers)
+        print(f"| cft-ray, {workers} workers x {args.workers // workers} threads, ZeRO-2 {args.precision} | {m['steps']} | "
+              f"{m['tokens']} | {m['tokens_per_s']:.1f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -196,6 +207,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if native_cpu_bf16() else "fp32",
                     help="both sides' precision (default: bf16 on CPUs with native bf16, else fp32)")
+    ap.add_argument("--cft-only", action="store_true", help="run only cft-ray's layouts")
     ap.add_argument("--peak-tflops-per-thread", type=float, default=None,
                     help="nominal peak per core in that precision; default: measure now")
     args = ap.parse_args()
@@ -212,14 +224,17 @@ def main() -> None:
         args.peak_worker = peak_tflops(1, mc.hidden_size, mc.intermediate_size, dtype)
         peak_hf = peak_tflops(args.workers, mc.hidden_size, mc.intermediate_size, dtype)
     rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
+    if args.cft_only:
+        return cft_only(rows, cot, model_dir, args)
     hf = run_hf(rows, cot, model_dir, args)
     print(f"HF Trainer: {hf['tokens_per_s']:.1f} tokens/s", flush=True)  # each side as it finishes
     trl = run_trl(rows, cot, model_dir, args)
     print(f"TRL SFTTrainer: {trl['tokens_per_s']:.1f} tokens/s", flush=True)
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     ours = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=args.workers)
-    packed = run_cft(ray, rows, cot, model_dir, args, packing=True, workers=args.workers)
     one = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=1)
+    # packing needs more rows than one global batch of packed sequences: --steps 12 or more
+    packed = run_cft(ray, rows, cot, model_dir, args, packing=True, workers=args.workers)
     fpt = (6 * hf["params"] if args.method == "full" else 4 * hf["params"] + 6 * hf["trainable_params"])
     mfu = {k: m["tokens_per_s"] * fpt / (peak_hf * 1e12) for k, m in (("hf", hf), ("trl", trl))}
     print(f"\nmodel {args.model} ({hf['params'] / 1e6:.1f}M params, {args.method}, trainable {hf['trainable_params'] / 1e6:.2f}M), "

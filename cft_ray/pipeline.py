@@ -99,11 +99,13 @@ def _fixed_tokens(cfg: CftConfig, tok, kind: str) -> int:
 
 def _student_room(cfg: CftConfig, stages: list[str], tok) -> list[tuple[str, int | None, int, str]]:
     ctx = models.context_length(cfg.student)
-    out = [(f"student ({cfg.student.name}) max_position_embeddings", ctx, cfg.train.max_length, "train.max_length")]
+    trains = bool({"arms", "train"} & set(stages))  # a score-only command is not held to training's limits
+    out = [(f"student ({cfg.student.name}) max_position_embeddings", ctx, cfg.train.max_length, "train.max_length")] \
+        if trains else []
     if "score" in stages:
         out.append(("score.max_prompt_tokens", cfg.score.max_prompt_tokens, _fixed_tokens(cfg, tok, "score") + 1,
                     "the score prompt's fixed part"))
-    if {"arms", "train"} & set(stages) and arms.needs_teacher(cfg):
+    if trains and arms.needs_teacher(cfg):
         out.append(("train.max_length", cfg.train.max_length, _fixed_tokens(cfg, tok, "cot") + cfg.teach.max_tokens,
                     "a CoT example: its prompt's fixed part + teach.max_tokens"))
     if "arms" in stages and cfg.eval.backend != "hf" and "generate" in [cfg.eval.mode, *cfg.eval.extra_modes]:

@@ -37,6 +37,11 @@ def test_a_limit_without_room_fails_on_the_driver_naming_it(tiny_model_dir, tmp_
     assert "\n" not in str(e.value)
 
 
+def test_a_score_only_command_is_not_held_to_training_limits(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "train.max_length=3000")  # over the tiny model's 2048 positions
+    pipeline.preflight(cfg, ["score"])
+
+
 def _digitless_tokenizer():
     """One token per character, digits unknown: "1".."9" all become <unk>."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -110,3 +110,14 @@ def test_length_budgets_that_contradict_each_other_fail_naming_the_field():
         load_config(None, ["arms=[base, distill]", "eval.max_new_tokens=512"])
     load_config(None, ["arms=[base, sft]", "eval.max_new_tokens=512", "train.max_length=512"])  # no CoT arm
     load_config(None, ["arms=[base, caft]", "eval.mode=direct", "eval.max_new_tokens=8"])  # nothing decoded
+
+
+def test_the_packaged_default_is_the_jobs_local_config():
+    """`cft-ray run` without --config reads the copy shipped in the package: it must be jobs/configs/local.yaml
+    (the copy once kept a bf16 teacher the jobs config had dropped)."""
+    from pathlib import Path
+
+    from cft_ray.config import EMBEDDED_CONFIG
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "local.yaml"
+    assert EMBEDDED_CONFIG.read_text() == jobs.read_text()

@@ -67,16 +67,21 @@ def prompt_tokens(batch: pa.Table, model_json: str, kind: str, scheme: str, fall
     prompt's token ids, their count, and the error of a row that cannot be prompted or is over
     `max_tokens`. Rendering and tokenising here keeps the model actors (GPUs) on the forward pass."""
     tok = _tokenizer(model_json)
-    ids, n, err = [], [], []
-    for r in batch.select(ITEM_SCHEMA.names).to_pylist():
+    rows = batch.select(ITEM_SCHEMA.names).to_pylist()
+    ids, n, err = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+    texts, todo = [], []
+    for i, r in enumerate(rows):
         try:
-            t = tok(prompt_text(tok, r, kind, scheme, fallback, preset), add_special_tokens=False).input_ids
+            texts.append(prompt_text(tok, r, kind, scheme, fallback, preset))
+            todo.append(i)
         except Exception as e:  # noqa: BLE001 - a row that cannot be prompted is an error row
-            ids.append(None), n.append(None), err.append(f"cannot build prompt: {type(e).__name__}: {e}")
-            continue
-        over = len(t) > max_tokens
-        ids.append(None if over else t), n.append(len(t))
-        err.append(f"prompt has {len(t)} tokens > score.max_prompt_tokens={max_tokens}" if over else None)
+            err[i] = f"cannot build prompt: {type(e).__name__}: {e}"
+    for i, t in zip(todo, tok(texts, add_special_tokens=False).input_ids if texts else []):  # one batched call
+        n[i] = len(t)
+        if len(t) > max_tokens:
+            err[i] = f"prompt has {len(t)} tokens > score.max_prompt_tokens={max_tokens}"
+        else:
+            ids[i] = t
     base = batch.drop_columns([c for c in PROMPT_COLUMNS if c in batch.column_names])
     return base.append_column("input_ids", pa.array(ids, pa.list_(pa.int32()))) \
         .append_column("prompt_tokens", pa.array(n, pa.int32())).append_column("error", pa.array(err, pa.string()))

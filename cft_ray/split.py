@@ -484,15 +484,14 @@ def _read_table(path: str, id_column: str) -> pa.Table:
 
 
 def _external_columns(t: pa.Table, scores: pa.Table, cfg: CftConfig) -> pa.Table:
-    """Per batch of items: its rows of `scores` (a broadcast left join by item id, in the batch's order;
-    a column of the file replaces an item column of the same name), then valid / unknown from the file
-    or from the student's answer column."""
+    """Per batch of items: its row of `scores` (a broadcast left join by item id), then valid / unknown
+    from the file or from the student's answer column."""
     sc = cfg.split
-    n = t.num_rows
-    at = pc.index_in(t["item_id"], value_set=scores["item_id"])
-    for name in scores.column_names[1:]:
+    at = pc.index_in(t["item_id"], value_set=scores["item_id"])  # ids are unique in `scores` (checked)
+    for name in scores.column_names[1:]:  # a column of the file replaces an item column of the same name
         column = scores[name].take(at)
         t = t.set_column(t.column_names.index(name), name, column) if name in t.column_names else t.append_column(name, column)
+    n = t.num_rows
     if "valid" not in t.column_names:
         if sc.scores_answer:
             idx = [None if a is None else label_to_index(str(a).strip(), len(o), cfg.prompt.labels, cfg.prompt.fallback)

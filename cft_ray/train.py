@@ -203,6 +203,20 @@ def resolve_phases(tc: TrainConfig, buckets: list[str]) -> list[Phase]:
     return [Phase(name=f"curriculum-{b}", treatments=["direct"], buckets=[b], epochs=tc.epochs) for b in buckets]
 
 
+def _token_sums(ds) -> dict[str, int]:
+    """Sums of the token counters in one pass: a partial sum per block reaches the driver (Dataset.sum
+    runs a hash aggregation whose actor costs ~5 s here per call, twice per arm)."""
+    import ray
+
+    cols = ["n_tokens", "n_target", "n_answer"]
+
+    def part(t: pa.Table) -> pa.Table:
+        return pa.table({c: [int(pc.sum(t[c]).as_py() or 0)] for c in cols})
+
+    blocks = ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+    return {c: sum(sum(b[c].to_pylist()) for b in blocks) for c in cols}
+
+
 def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
     """Usable train/valid examples -> (phases, datasets): per phase the selected rows, shuffled with the
     run seed, packed if configured, materialised (epochs re-read them, resumes replay them), and the
@@ -225,8 +239,7 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         train = train.materialize()
         valid = ok.filter(expr=sel & (col("split") == "valid")).select_columns(keep).materialize()
         rows, n_valid = train.count(), valid.count()
-        sums = train.sum(["n_tokens", "n_target", "n_answer"]) if rows else \
-            {"sum(n_tokens)": 0, "sum(n_target)": 0, "sum(n_answer)": 0}
+        sums = _token_sums(train)
         # drop_last per epoch: every worker runs the same number of full steps (collectives never
         # wait on a worker that ran out of rows); the tail rows move with the per-epoch shuffle.
         spe = (rows // tc.num_workers) // (tc.micro_batch * tc.grad_accum)
@@ -236,8 +249,8 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         entry = {"name": ph.name, "treatments": list(ph.treatments), "buckets": ph.buckets, "epochs": ph.epochs,
                  "rows": rows, "valid_rows": n_valid, "steps_per_epoch": spe,
                  "steps": max(1, round(ph.epochs * spe)) if spe else 0,
-                 "tokens_per_epoch": int(sums["sum(n_tokens)"] or 0), "target_tokens_per_epoch": int(sums["sum(n_answer)"] or 0),
-                 "trained_tokens_per_epoch": int(sums["sum(n_target)"] or 0),
+                 "tokens_per_epoch": sums["n_tokens"], "target_tokens_per_epoch": sums["n_answer"],
+                 "trained_tokens_per_epoch": sums["n_target"],
                  "rows_unused_per_epoch": rows - spe * global_batch, "dataset": f"train_{i}",
                  "valid": f"valid_{i}" if n_valid >= tc.num_workers else None}
         entry["data_spent_target_tokens"] = round(entry["target_tokens_per_epoch"] * ph.epochs) if spe else 0

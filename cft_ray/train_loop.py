@@ -244,6 +244,10 @@ def _setup(config: dict) -> Run:
     device = ray.train.torch.get_device()
     if not tc.use_gpu:  # Ray gives workers OMP_NUM_THREADS=1; use the CPUs this worker reserved
         torch.set_num_threads(max(1, int(tc.resources_per_worker.get("CPU", 1))))
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts (60-250 s on a fresh
+        # machine or venv: the build cache is keyed by paths) that only inference tensor parallelism calls;
+        # training reduces through the gloo group. Marked unavailable, it is not built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(tc.seed)
     deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")  # reuses Ray Train's group
     ds_cfg = deepspeed_config(tc, world)

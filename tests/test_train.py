@@ -193,7 +193,7 @@ def _train(ray, model_dir, out, extra=(), rows=None):
 
 
 @pytest.mark.heavy
-def test_loss_is_the_token_mean_whatever_the_worker_x_accumulation_layout(ray_local, tiny_model_dir, tmp_path):
+def test_loss_is_the_token_mean_whatever_the_worker_x_accumulation_layout(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     """One epoch over 32 examples at a negligible learning rate on 2 workers x 2 accumulation steps of
     2 rows: the steps' losses, weighted by their target tokens, must equal the initial model's mean loss
     per supervised token over all 32 examples, computed here in one process, which no layout changes
@@ -215,6 +215,8 @@ def test_loss_is_the_token_mean_whatever_the_worker_x_accumulation_layout(ray_lo
             total += torch.nn.functional.cross_entropy(logits, lab, ignore_index=IGNORE, reduction="sum").item()
             n += int((lab != IGNORE).sum())
     want = total / n
+    # the workers get the driver's TORCH_EXTENSIONS_DIR: CPU training must not JIT-build DeepSpeed's shm all-reduce
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     for workers, accum in ((2, 2),):
         _, m = _train(ray_local, tiny_model_dir, tmp_path / f"w{workers}", [
             "train.schedule=merged", "train.epochs=1", "train.lr=1e-12",
@@ -223,6 +225,7 @@ def test_loss_is_the_token_mean_whatever_the_worker_x_accumulation_layout(ray_lo
         assert len(curve) == 4 and sum(h["target_tokens"] for h in curve) == n, (workers, accum)
         got = sum(h["loss"] * h["target_tokens"] for h in curve) / n
         assert got == pytest.approx(want, rel=1e-4), (workers, accum)
+    assert not (tmp_path / "torch_extensions" / "deepspeed_shm_comm").exists()
 
 
 @pytest.mark.heavy

@@ -237,6 +237,24 @@ def _tally(ds, keys: list[str]) -> dict[tuple, int]:
     return _merge(ray.get(ds.map_batches(part, batch_format="pyarrow").to_arrow_refs()), keys)
 
 
+def _count_min_max(ds) -> tuple[int, float | None, float | None]:
+    """Rows, min and max of `_d` in one pass from per-block partials (Dataset.aggregate runs a hash
+    aggregation whose actor costs ~5 s here, whatever the size)."""
+    import ray
+
+    def part(t: pa.Table) -> pa.Table:
+        mm = pc.min_max(t["_d"])
+        return pa.table({"n": [t.num_rows], "min": [mm["min"].as_py()], "max": [mm["max"].as_py()]},
+                        schema=pa.schema([("n", pa.int64()), ("min", pa.float64()), ("max", pa.float64())]))
+
+    parts = ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+    t = pa.concat_tables(parts) if parts else None
+    if t is None or not t.num_rows:
+        return 0, None, None
+    mm = pc.min_max(pa.concat_arrays([t["min"].combine_chunks(), t["max"].combine_chunks()]))
+    return int(pc.sum(t["n"]).as_py() or 0), mm["min"].as_py(), mm["max"].as_py()
+
+
 def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str, int], float]:
     """Per (role, bucket_idx) with (k, n): the k-th smallest `_u_keep` of its n rows, so that
     `u <= cutoff` keeps exactly k. The draws are uniform, so a pre-filter u < k/n + 6 sd ships only
@@ -275,7 +293,6 @@ def split(scored, cfg: SplitConfig) -> tuple:
     fixed thresholds need no order statistics), counts per bucket with the histogram, and the
     cap / balanced-test draws. The labelled Dataset re-reads every column and labels rows lazily;
     `write_outputs` routes its rows to the output directories."""
-    from ray.data.aggregate import Count, Max, Min
     from ray.data.expressions import col
 
     names = scored.schema().names
@@ -287,8 +304,7 @@ def split(scored, cfg: SplitConfig) -> tuple:
         .map_batches(prepare, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
     pool = narrow.filter(expr=col("_role") == "pool" if cfg.fit_on == "pool" else col("_role") != "excluded")
     if cfg.method == "thresholds" and cfg.normalize == "max":
-        st = pool.aggregate(Count(), Min("_d"), Max("_d")) or {}
-        n, dmin, dmax = int(st.get("count()") or 0), st.get("min(_d)"), st.get("max(_d)")
+        n, dmin, dmax = _count_min_max(pool)
         sorted_at = None
     else:
         # 8 bytes a row in the object store (spilled to disk beyond it), streamed to the driver by block.

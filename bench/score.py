@@ -108,6 +108,29 @@ def matmul_peak(model, m_tokens: int, dtype, reps: int = 5) -> tuple[float, floa
     return flops, secs
 
 
+def stage_speed(items: list[dict], cfg, args) -> tuple[float, float]:
+    """(whole `cft-ray score` command s, the stage's own s from its manifest) on `items`, same model and
+    settings as the in-process methods, on a fresh local Ray."""
+    cli = [sys.executable, "-m", "cft_ray.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "items.jsonl")
+        with open(src, "w") as f:
+            for it in items:
+                f.write(json.dumps({k: it[k] for k in ("question", "options", "answer", "subject")}) + "\n")
+        common = [f"data.source={src}", f"run_dir={tmp}/run", "data.limit=null", f"ray.num_cpus={args.threads}",
+                  # the actor reserves 1 CPU and runs `threads` torch threads: a CPU stays free for the prompt task
+                  *args.overrides, "score.pool.num_cpus=1", f"score.pool.threads={args.threads}"]
+        subprocess.run([*cli, "data", "prepare", *common], check=True, capture_output=True)
+        t = time.time()
+        out = subprocess.run([*cli, "score", *common], check=True, capture_output=True, text=True).stdout
+        whole = time.time() - t
+        with open(os.path.join(out.strip().rsplit("output: ", 1)[-1], "manifest.json")) as f:
+            manifest = json.load(f)
+    if manifest["counts"]["rows_in"] != len(items):
+        raise RuntimeError(f"the stage scored {manifest['counts']['rows_in']} rows, not {len(items)}")
+    return whole, manifest["durations_s"]["score"]
+
+
 def tree_memory(root: psutil.Process) -> tuple[int, int]:
     """(summed PSS of the process tree, RSS of its scoring actor) in bytes."""
     total, actor = 0, 0
@@ -138,7 +161,9 @@ def stage_peak_memory(n: int, model_dir: str, run_dir: str) -> tuple[float, floa
     cli = [sys.executable, "-m", "cft_ray.cli"]
     os.makedirs(run_dir, exist_ok=True)
     src = distinct_items(n, os.path.join(run_dir, "items.jsonl"))
-    common = [f"data.source={src}", f"run_dir={run_dir}/run", f"student.name={model_dir}", "ray.num_cpus=2"]
+    # data.limit=null: the packaged default samples 500 items, which would measure 500 at every size
+    common = [f"data.source={src}", f"run_dir={run_dir}/run", f"student.name={model_dir}", "ray.num_cpus=2",
+              "data.limit=null"]
     subprocess.run([*cli, "data", "prepare", *common], check=True, capture_output=True)
     proc = psutil.Popen([*cli, "score", *common], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, stop = [0, 0], threading.Event()
@@ -159,7 +184,10 @@ def stage_peak_memory(n: int, model_dir: str, run_dir: str) -> tuple[float, floa
         raise RuntimeError(f"cft-ray score failed on {n} items")
     out_dir = out.strip().rsplit("output: ", 1)[-1]
     with open(os.path.join(out_dir, "manifest.json")) as f:
-        return peak[0] / 2**20, peak[1] / 2**20, took, json.load(f)["throughput"]
+        manifest = json.load(f)
+    if manifest["counts"]["rows_in"] != n:
+        raise RuntimeError(f"scored {manifest['counts']['rows_in']} rows, not {n}")
+    return peak[0] / 2**20, peak[1] / 2**20, took, manifest["throughput"]
 
 
 def tiny_model(out_dir: str, tokenizer_dir: str) -> str:
@@ -205,12 +233,27 @@ def compare(args, cfg, items, dtype) -> None:
     tok, model = scorer.tok, scorer.model
     pargs = prompt_args(cfg)
 
+    split = {"prompt task": 0.0, "forward": 0.0}  # (c)'s time by part, summed over the timed rounds
+    forward = scorer._forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        out = forward(*a, **kw)
+        split["forward"] += time.perf_counter() - t0
+        return out
+
+    scorer._forward = timed_forward
+
     def c(t):  # the stage's two steps in one process: the prompt task, then the model actor
-        return scorer(prompt_tokens(t, **pargs))
+        t0 = time.perf_counter()
+        batch = prompt_tokens(t, **pargs)
+        split["prompt task"] += time.perf_counter() - t0
+        return scorer(batch)
 
     table = pa.Table.from_pylist(items[:8], schema=ITEM_SCHEMA)
     # warm-up: kernel selection and first-touch allocations happen outside the timings
     c(table), reference(tok, model, items[:2]), padded_full_logits(tok, model, items[:args.batch])
+    split.update({"prompt task": 0.0, "forward": 0.0})
     # Rounds interleave the three methods, so a load change on a shared box hits all of them alike.
     bs, n_ref = cfg.score.pool.batch_size, min(args.n_ref or len(items), len(items))
     wall, cpu, scored, ref, padded_b, ref_items, mm = [0.0] * 3, [0.0] * 3, [], [], 0, [], [0.0, 0.0]
@@ -243,6 +286,15 @@ def compare(args, cfg, items, dtype) -> None:
               f"| {ips / rows[0][1]:.2f}x |")
     print(f"(c)/(b) = {rows[2][1] / rows[1][1]:.2f}x wall, {rows[2][3] / rows[1][3]:.2f}x CPU; "
           f"(c)/(a) = {rows[2][3] / rows[0][3]:.2f}x CPU; load average {os.getloadavg()[0]:.1f}")
+    actor = wall[2] - split["prompt task"]
+    print(f"(c) by part: prompt task {split['prompt task']:.1f} s; model actor {actor:.1f} s, of which forward passes "
+          f"{split['forward']:.1f} s and the rest (padding, maths, parsing, Arrow) {actor - split['forward']:.1f} s = "
+          f"{(actor - split['forward']) / actor:.1%} of the actor (target <= 10%)")
+    whole, stage = stage_speed(items, cfg, args)
+    print(f"(d) the real stage, `cft-ray data prepare` + `cft-ray score` on the same {len(items)} items, after the rounds: "
+          f"{len(items) / stage:.2f} items/s in the stage ({stage:.1f} s), {len(items) / whole:.2f} items/s for the whole "
+          f"score command ({whole:.1f} s, Ray start-up included); stage / (c) = {len(items) / stage / rows[2][1]:.2f}x "
+          f"(target >= 0.9x)")
     by_id = {r["item_id"]: r for r in scored}
     dh = max(abs(a - by_id[i["item_id"]]["entropy"]) for a, i in zip(ref, ref_items))
     print(f"(c) vs (a) entropy max |diff| {dh:.3g} nats over {n_ref} items ({cfg.student.dtype}; padding changes matmul shapes)")

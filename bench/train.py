@@ -195,6 +195,7 @@ def cft_only(rows, cot, model_dir, args) -> None:
         m = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=workers)
         print(f"| cft-ray, {workers} workers x {args.workers // workers} threads, ZeRO-2 {args.precision} | {m['steps']} | "
               f"{m['tokens']} | {m['tokens_per_s']:.1f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |", flush=True)
+        print("  step time on rank 0: " + ", ".join(f"{k} {v:.1%}" for k, v in m["step_profile"].items()), flush=True)
 
 
 def main() -> None:

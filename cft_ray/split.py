@@ -247,7 +247,8 @@ def _count_min_max(ds) -> tuple[int, float | None, float | None]:
         return pa.table({"n": [t.num_rows], "min": [mm["min"].as_py()], "max": [mm["max"].as_py()]},
                         schema=pa.schema([("n", pa.int64()), ("min", pa.float64()), ("max", pa.float64())]))
 
-    parts = ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+    parts = [b for b in ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+             if b.num_rows]  # an empty block comes back as a table with no columns
     t = pa.concat_tables(parts) if parts else None
     if t is None or not t.num_rows:
         return 0, None, None

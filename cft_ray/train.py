@@ -213,7 +213,8 @@ def _token_sums(ds) -> dict[str, int]:
     def part(t: pa.Table) -> pa.Table:
         return pa.table({c: [int(pc.sum(t[c]).as_py() or 0)] for c in cols})
 
-    blocks = ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+    blocks = [b for b in ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
+              if b.num_rows]  # an empty block comes back as a table with no columns
     return {c: sum(sum(b[c].to_pylist()) for b in blocks) for c in cols}
 
 
@@ -321,6 +322,16 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     return store.join(out_dir, "model")
 
 
+def _step_profile(hist: list[dict]) -> dict[str, float]:
+    """Share of the optimizer steps' time per part, over the steps of the history that carry parts."""
+    timed = [h for h in hist if "parts_s" in h]  # a step restored from an older checkpoint has none
+    total = sum(h["time_s"] for h in timed)
+    if not total:
+        return {}
+    shares = {k: sum(h["parts_s"][k] for h in timed) / total for k in timed[0]["parts_s"]}
+    return {**{k: round(v, 4) for k, v in shares.items()}, "other": round(1 - sum(shares.values()), 4)}
+
+
 def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, init_dir: str) -> dict:
     """Throughput from the surviving history (step compute time only), MFU = model FLOPs / time / peak.
     FLOPs per token: 6N for full fine-tuning; 4N + 6 x trainable for LoRA (no weight gradients of
@@ -346,6 +357,8 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
             "steps": state["step"], "params": n, "trainable_params": trainable,
             "tokens": tokens, "tokens_per_s": round(tps, 2), "step_time_s": round(step_s, 3), "wall_s": round(wall_s, 3),
             "mfu": round(mfu, 5) if mfu is not None else None, "peak_tflops_per_worker": peak,
+            # where the step time went on rank 0 (train_loop._optimizer_step); "other": the all-reduces of counts and loss
+            "step_profile": _step_profile(hist),
             "peak_source": state.get("peak_source"),
             "data_spent_target_tokens": sum(p["data_spent_target_tokens"] for p in phases),
             "phases": reported, "resumes": state["resumes"], "checkpoints": state["checkpoints"],

@@ -357,6 +357,9 @@ def _optimizer_step(run: Run, batches, phase: str, epoch: int) -> bool:
     engine, ga, world = run.engine, run.tc.grad_accum, run.world
     t0 = time.time()
     micro = [next(batches) for _ in range(ga)]
+    # Rank 0's host time per part of the step. On CUDA, kernels run asynchronously, so time moves to the
+    # next part that waits on the device (loss.item() below); on CPU every part is synchronous.
+    parts = {"data": time.time() - t0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     due = run.rank == 0 and time.time() - run.last_ckpt >= run.tc.checkpoint_every_minutes * 60
     counts = torch.tensor([sum(b["n_target"] for b in micro), sum(b["n_tokens"] for b in micro), due],
                           dtype=torch.float64)
@@ -364,10 +367,17 @@ def _optimizer_step(run: Run, batches, phase: str, epoch: int) -> bool:
     norm = counts[0].item() / (world * ga)  # see the module docstring
     loss_sum = 0.0
     for b in micro:
+        t = time.perf_counter()
         loss = summed_loss(engine, b, run.device) / norm
-        engine.backward(loss)
+        t1 = time.perf_counter()
+        engine.backward(loss)  # ZeRO's gradient reduction runs in here and in step()
+        t2 = time.perf_counter()
         engine.step()
         loss_sum += loss.item()
+        t3 = time.perf_counter()
+        parts["forward"] += t1 - t
+        parts["backward"] += t2 - t1
+        parts["optimizer"] += t3 - t2
     mean = torch.tensor([loss_sum], dtype=torch.float64)
     dist.all_reduce(mean)
     step = run.state["step"] + 1
@@ -376,7 +386,7 @@ def _optimizer_step(run: Run, batches, phase: str, epoch: int) -> bool:
         "step": step, "phase": phase, "epoch": epoch, "loss": mean.item() / (world * ga),
         "lr": run.scheduler.get_last_lr()[0], "grad_norm": None if gn is None else float(gn),
         "tokens": int(counts[1].item()), "target_tokens": int(counts[0].item()),
-        "time_s": time.time() - t0})
+        "time_s": time.time() - t0, "parts_s": parts})
     run.state["step"] = step
     return counts[2].item() > 0
 

@@ -243,6 +243,9 @@ def test_lora_zero2_two_workers(lora_run):
     # no train.peak_tflops: the CPU workers probe their matmul rate, so the MFU is there and below 1
     assert m["peak_source"].startswith("probe: 512^3 fp32 matmul") and m["peak_tflops_per_worker"] > 0
     assert 0 < m["mfu"] < 1
+    prof = m["step_profile"]  # shares of rank 0's step time: every part measured, together the whole
+    assert set(prof) == {"data", "forward", "backward", "optimizer", "other"} and sum(prof.values()) == pytest.approx(1, abs=1e-3)
+    assert all(prof[k] > 0 for k in ("forward", "backward", "optimizer")) and prof["other"] > -1e-3
 
 
 def test_device_peak_from_config_probe_and_gpu_table():

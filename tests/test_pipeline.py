@@ -1,6 +1,6 @@
 """The whole pipeline (`cft-ray run`) on tiny data with a tiny random model, on a 3-node cluster
 (`ray.cluster_utils.Cluster`: head, an inference node with `infer_node`, a training node with
-`train_node`, as in cluster.yaml): the arms train and are evaluated, every stage's actors ran on the
+`train_node`, as in cluster.yaml): the arms train and are evaluated, every stage's actors and tasks ran on the
 node type its config asked for (Ray's state API), the report renders, a re-run skips every finished
 stage, `--dry-run` says so."""
 from __future__ import annotations
@@ -46,7 +46,7 @@ CLUSTER_RUN = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_tasks
     from cft_ray import pipeline
     from cft_ray.config import load_config
     from cft_ray.runtime import init_ray
@@ -63,6 +63,7 @@ CLUSTER_RUN = textwrap.dedent("""
     kind = {n["NodeID"]: "infer" if "infer_node" in n["Resources"] else "train" if "train_node" in n["Resources"]
             else "head" for n in ray.nodes()}
     actors = [(a.class_name, a.repr_name, kind.get(a.node_id)) for a in list_actors(detail=True, limit=10000)]
+    actors += [("task", t.name, kind.get(t.node_id)) for t in list_tasks(detail=True, limit=10000) if t.node_id]
     print("RESULT " + json.dumps({"report": report, "actors": actors}))
     ray.shutdown()
     cluster.shutdown()
@@ -90,11 +91,11 @@ def test_stages_ran_on_the_nodes_their_config_asks_for(tiny_run):
     where: dict[str, set] = {}
     for cls, name, node in tiny_run[2]:
         label = f"{cls} {name}"
-        for key in ("Scorer", "HFGenerator", "Tokenize", "TrainWorker"):
+        for key in ("Scorer", "HFGenerator", "tokenize_rows", "TrainWorker"):
             if key in label:
                 where.setdefault(key, set()).add(node)
-    # Scorer: score stage; HFTeacher: teach and generate-mode eval; Tokenize + TrainWorker: train
-    assert where == {"Scorer": {"infer"}, "HFGenerator": {"infer"}, "Tokenize": {"train"}, "TrainWorker": {"train"}}, where
+    # Scorer: score stage; HFGenerator: teach and generate-mode eval; tokenize_rows tasks + TrainWorker: train
+    assert where == {"Scorer": {"infer"}, "HFGenerator": {"infer"}, "tokenize_rows": {"train"}, "TrainWorker": {"train"}}, where
 
 
 @pytest.mark.heavy

@@ -159,6 +159,27 @@ def test_build_examples_keeps_errors(ray_local, tiny_model_dir):
     assert set(good[good.kind == "cot"].bucket) == {"hard"}
 
 
+def test_small_cot_joined_per_block_equals_the_hash_join(ray_local, tiny_model_dir):
+    """Teacher CoT up to train.cot_broadcast_rows is joined per block on the driver's copy; above it, Ray Data's
+    hash join. Both give the same examples (items without teacher text included); a CoT table with two rows
+    for one item is refused rather than silently taking one."""
+    rows = routed_rows(24)
+    cot = teacher_cot(rows)[1:]
+    built = {}
+    for limit in (100_000, 0):
+        cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1", f"train.cot_broadcast_rows={limit}"])
+        ex = build_examples(ray_local.data.from_items(rows, override_num_blocks=3), ray_local.data.from_items(cot, override_num_blocks=2), cfg)
+        built[limit] = ex.to_pandas().sort_values("item_id").reset_index(drop=True)
+    small, hashed = built[100_000], built[0]
+    assert len(small) == 24 and small.error.notna().sum() == 1
+    assert small.drop(columns=["input_ids", "labels"]).equals(hashed.drop(columns=["input_ids", "labels"]))
+    assert all(list(a) == list(b) for a, b in zip(small.input_ids, hashed.input_ids))
+    assert all(list(a) == list(b) for a, b in zip(small.labels, hashed.labels))
+    cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1"])
+    with pytest.raises(ValueError, match="more than one row for an item id"):
+        build_examples(ray_local.data.from_items(rows), ray_local.data.from_items(cot + cot[:1]), cfg)
+
+
 def test_data_spent_counts_answer_tokens_whatever_loss_on(ray_local, tiny_model_dir):
     """loss_on=all (the paper's) trains prompt tokens too; data spent, the paper's measure, counts the
     answer tokens only, so it is the same under both settings (it once counted every trained token)."""

@@ -224,9 +224,10 @@ def data_spent(cfg: CftConfig, train_dir: str | None, cot_ids: set[str]) -> dict
                  train_tokens=sum(p["tokens_per_epoch"] * p["epochs"] for p in tm["phases"] if p["steps"]))
     if cot_ids:
         s = layout.teach_columns(store.join(layout.stage_dir(cfg, "teach"), "parts"),
-                                 ["item_id", "prompt_tokens", "completion_tokens"])
+                                 ["item_id", "prompt_tokens", "completion_tokens", "finish_reason"])
         s = s.filter(pc.is_in(s["item_id"], value_set=pa.array(sorted(cot_ids), pa.string())))
-        spent.update(teacher_calls=s.num_rows, teacher_tokens_in=int(pc.sum(s["prompt_tokens"]).as_py() or 0),
+        calls = s.num_rows - int(pc.sum(pc.equal(s["finish_reason"], "rationale")).as_py() or 0)  # read, not asked
+        spent.update(teacher_calls=calls, teacher_tokens_in=int(pc.sum(s["prompt_tokens"]).as_py() or 0),
                      teacher_tokens_out=int(pc.sum(s["completion_tokens"]).as_py() or 0))
     return spent
 

@@ -16,7 +16,7 @@ import tempfile
 
 import pyarrow.parquet as pq
 
-from cft_ray import data, models, pipeline, report, store
+from cft_ray import data, models, pipeline, report, store, warmup
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
 from cft_ray.pipeline import STAGES
 from cft_ray.runtime import init_ray
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
         else:
-            out = STAGES[stage].run(cfg)
+            out = STAGES[stage].run(warmup.stage_config(cfg, stage))
     except ConfigError as e:
         print(f"cft-ray: {e}", file=sys.stderr)
         return 2

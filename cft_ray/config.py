@@ -64,6 +64,8 @@ class ColumnMap(_Base):
     answer_format: Literal["index0", "index1", "letter", "text"] = Field("index0", description="How the source writes the gold answer: 0-based, 1-based, a letter A.., or the option text.")
     subject: str | None = Field(None, description="Source field with the fine subject (shown in prompts).")
     category: str | None = Field(None, description="Source field with the coarse category (for per-category metrics); None = subject.")
+    rationale: str | None = Field(None, description="Source field with a worked solution ending in [[k]] (MedMCQA `exp`, AQuA-RAT `rationale`, ScienceQA `solution`): teach.backend=rationale trains on it instead of asking a teacher.")
+    level: str | None = Field(None, description="Source field with a known difficulty level (an integer, higher = harder; generated tasks have one): the report then scores the difficulty metric and the routing against it.")
 
 
 class DataConfig(_Base):
@@ -173,7 +175,7 @@ class SplitConfig(_Base):
 
 
 class TeachConfig(_Base):
-    backend: Literal["vllm", "openai", "hf"] = Field("vllm", description="vllm engine on Ray Data actors, an OpenAI-compatible endpoint, or transformers generate (slowest, no extra deps).")
+    backend: Literal["vllm", "openai", "hf", "rationale"] = Field("vllm", description="vllm engine on Ray Data actors, an OpenAI-compatible endpoint, transformers generate (slowest, no extra deps), or 'rationale': the data's own worked solutions (data.columns.rationale), checked like a teacher's; no teacher call, tokens counted with the student's tokenizer.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Teacher model for vllm/hf backends.")
     base_url: str | None = Field(None, description="Endpoint of the openai backend, e.g. http://host:8000/v1.")
     api_model: str | None = Field(None, description="Model name sent to the openai endpoint.")
@@ -323,6 +325,14 @@ COT_ARMS = {"distill", "caft", "random_routing"}  # arms whose model answers wit
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/tmp", "/usr", "/var")
 
 
+class WarmupConfig(_Base):
+    source: str | None = Field(None, description="Items (any data.source form) to warm the student up on with direct answers before it is scored, for a student at chance on the task's format; None = no warm-up. Items sharing content with the run's items are left out (counted); every later stage's student is the warm-up's model.")
+    limit: int | None = Field(None, ge=1, description="A seeded sample of this many warm-up items; None = all.")
+    epochs: float = Field(1, gt=0, description="Epochs over the warm-up items (one shuffled phase).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate of the warm-up; None = train.lr.")
+    method: Literal["lora", "full"] = Field("full", description="full (FEASIBILITY.md's warm-up) or lora.")
+
+
 class CftConfig(_Base):
     run_dir: str = Field("runs/default", description="Where every stage writes (local path or s3://...); one directory per run, never a system, home or parent directory.")
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -334,6 +344,7 @@ class CftConfig(_Base):
     teach: TeachConfig = Field(default_factory=TeachConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     selection: Literal["entropy", "instructdiff"] = Field("entropy", description="How training data is chosen: entropy routing (the split's buckets; caft) or also the InstructDiff select stage, which the instructdiff/random_select arms train on (costs a warm-up training run and two scoring passes).")
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)

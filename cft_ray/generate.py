@@ -341,14 +341,28 @@ def _vllm_failed_rows(t: pa.Table) -> pa.Table:
     return _out(t, [{k: get[k][i] for k in get} for i in range(n)])
 
 
+def from_rationale(t: pa.Table, model_json: str) -> pa.Table:
+    """Ray Data UDF of backend=rationale: the item's own worked solution stands in for a teacher's text.
+    No call is made (finish_reason 'rationale'); its tokens are counted with the student's tokenizer."""
+    tok = models.cached_tokenizer(model_json)
+    texts = t["rationale"].to_pylist()
+    n_out = [len(tok(x, add_special_tokens=False)["input_ids"]) if x else 0 for x in texts]
+    return _out(t, [{"text": x, "prompt_tokens": 0, "completion_tokens": k, "finish_reason": "rationale"}
+                    for x, k in zip(texts, n_out)])
+
+
 def generate(ds, spec: GenerationSpec, sample_idx: int = 0):
-    """One attempt for every row of `ds` (items: item_id, question, options, answer, subject): a lazy
-    Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised."""
+    """One attempt for every row of `ds` (items: item_id, question, options, answer, subject; rationale for
+    backend=rationale): a lazy Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised."""
     from ray.data.expressions import lit
 
-    ds = ds.select_columns(["item_id", "question", "options", "answer", "subject"]) \
+    extra = ["rationale"] if spec.backend == "rationale" else []
+    ds = ds.select_columns(["item_id", "question", "options", "answer", "subject", *extra]) \
         .with_column("sample_idx", lit(sample_idx))
-    if spec.backend == "vllm":
+    if spec.backend == "rationale":
+        out = ds.map_batches(from_rationale, batch_format="pyarrow", batch_size=spec.pool.batch_size,
+                             fn_kwargs={"model_json": spec.model.model_dump_json()})
+    elif spec.backend == "vllm":
         out = _vllm(ds, spec)
     else:
         # The driver's key travels as a constructor argument (never in logs or runtime_env, which the

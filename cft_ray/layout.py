@@ -34,6 +34,7 @@ log = logging.getLogger("cft_ray")
 # with other batching must not mix its rows with the old ones.
 STAGE_INPUTS = {
     "data": ["data"],
+    "warmup": ["data", "student", "prompt", "train", "warmup"],  # the run's items decide what is left out
     "score": ["data", "student", "prompt", "score"],
     "split": ["data", "student", "prompt", "score", "split"],
     "teach": ["data", "student", "prompt", "score", "split", "teach"],
@@ -91,6 +92,8 @@ ITEM_SCHEMA = pa.schema([
     pa.field("subject", pa.string()),
     pa.field("category", pa.string()),
     pa.field("source", pa.string()),  # "<file>:<row>" provenance
+    pa.field("rationale", pa.string()),  # a worked solution ending in [[k]], where the source has one
+    pa.field("level", pa.int32()),  # a known difficulty level, where the source has one (higher = harder)
 ])
 ERROR_SCHEMA = pa.schema([
     pa.field("item_id", pa.string()),

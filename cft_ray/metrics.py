@@ -95,9 +95,18 @@ def roc_report(df, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "cor
     metric columns); the normalising max is taken over the rows being evaluated."""
     report = {"confidence": {m: ("1 - m/max(m)" if d == "uncertainty" else "m/max(m)") for m, d in metrics.items()},
               "overall": _summary(df, metrics, label)}
+    levels = df["level"].dropna() if "level" in df else []
+    if len(levels) and levels.nunique() > 1:
+        # a known difficulty (generated tasks): how well each metric tells the easier half of the levels from the
+        # harder half, and per level (accuracy falling with the level is the task's premise, checked here)
+        known = df[df["level"].notna()]
+        cut = float(levels.median())
+        report["vs_level"] = {"easy": f"level <= {cut:g}", **_summary(known.assign(_easy=known["level"] <= cut), metrics, "_easy")}
+        groups = [*groups, "level"]
     for g in groups:
         if g in df:
-            keyed = df.assign(**{g: df[g].astype(object).fillna("<none>")})
+            values = df[g].astype("Int64") if g == "level" else df[g]  # 1, not 1.0, where a null made it float
+            keyed = df.assign(**{g: values.astype(object).fillna("<none>")})
             report[f"by_{g}"] = {str(k): _summary(part, metrics, label) for k, part in keyed.groupby(g, sort=True)}
     return report
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
-from cft_ray import arms, data, layout, models, plan, report, score, select, split, store
+from cft_ray import arms, data, layout, models, plan, report, score, select, split, store, warmup
 from cft_ray.config import CftConfig, ConfigError, config_hash
 from cft_ray.prompts import messages, prompt_ids
 
@@ -33,6 +33,7 @@ class Stage:
 
 STAGES = {s.name: s for s in [
     Stage("data", data.main, "validate and prepare the corpus (items + errors Parquet)"),
+    Stage("warmup", warmup.main, "direct-answer SFT of the student on warmup.source before scoring (optional)"),
     Stage("score", score.main, "score every item with the student (entropy and friends)"),
     Stage("split", split.main, "cut scored items into easy/medium/hard, hold out test sets, route"),
     Stage("teach", arms.teach_for_arms, "teacher chain-of-thought for the rows the arms route to cot"),
@@ -47,8 +48,8 @@ CHAIN = [name for name, s in STAGES.items() if s.chained]
 
 def stage_dirs(cfg: CftConfig) -> dict:
     """Where each chained stage of this config writes (arms: arm -> (train dir, eval dir))."""
-    dirs: dict = {s: layout.stage_dir(cfg, s) for s in ("data", "score", "split", "teach", "select")}
-    dirs["arms"] = arms.arm_dirs(cfg)
+    dirs: dict = {s: layout.stage_dir(warmup.stage_config(cfg, s), s) for s in ("data", "warmup", "score", "split", "teach", "select")}
+    dirs["arms"] = arms.arm_dirs(warmup.stage_config(cfg, "arms"))
     dirs["report"] = store.join(cfg.run_dir, "report")
     return dirs
 
@@ -64,7 +65,7 @@ def _done(stage: str, where, cfg: CftConfig) -> bool:
 def needed(cfg: CftConfig) -> list[str]:
     """The score stage only without split.scores; the teacher only when some arm trains on
     chain-of-thought; select only for InstructDiff."""
-    skip = {s for s, need in (("score", not cfg.split.scores), ("teach", arms.needs_teacher(cfg)),
+    skip = {s for s, need in (("warmup", bool(cfg.warmup.source)), ("score", not cfg.split.scores), ("teach", arms.needs_teacher(cfg)),
                               ("select", cfg.selection == "instructdiff")) if not need}
     return [s for s in CHAIN if s not in skip]
 
@@ -78,7 +79,12 @@ def preflight(cfg: CftConfig, stages: list[str]) -> None:
         tok = models.load_tokenizer(cfg.student)
         score.check_labels(tok, cfg.prompt)
         room += _student_room(cfg, stages, tok)
-    if "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend != "openai":
+    if "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend == "rationale":
+        cols = cfg.data.columns or (data.EMBEDDED[cfg.data.source][2] if cfg.data.source in data.EMBEDDED else None)
+        if cols is None or cols.rationale is None:
+            raise ConfigError("teach.backend=rationale needs data.columns.rationale (the field holding each item's "
+                              "worked solution); or pick a teacher backend (vllm, hf, openai)")
+    elif "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend != "openai":
         need = _fixed_tokens(cfg, models.load_tokenizer(cfg.teach.model), "teacher") + cfg.teach.max_tokens
         ctx = models.context_length(cfg.teach.model)
         if cfg.teach.backend == "vllm":
@@ -157,7 +163,7 @@ def actions(cfg: CftConfig, dirs: dict, only: str | None, from_stage: str | None
             out.append((s, "skip (not selected)"))
         elif from_stage:
             out.append((s, "re-run"))
-        elif s != "report" and _done(s, dirs[s], cfg):  # the report is cheap and reads everything: always fresh
+        elif s != "report" and _done(s, dirs[s], warmup.stage_config(cfg, s)):  # the report is cheap and reads everything: always fresh
             out.append((s, "skip (finished)"))
         else:
             out.append((s, "run"))
@@ -191,7 +197,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
             _reset(dirs[s])
         t0 = time.time()
         log.info("stage %s: %s", s, action)
-        out = STAGES[s].run(cfg)
+        out = STAGES[s].run(warmup.stage_config(cfg, s))
         run["stages"][s] = {"output": out, "wall_s": round(time.time() - t0, 2), "skipped": None}
         store.write_json(manifest_path, run)  # after every stage: a killed run still shows its lineage
     run["wall_s"] = round(time.time() - started, 2)

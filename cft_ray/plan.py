@@ -128,7 +128,7 @@ def main(cfg: CftConfig) -> str:
     sample = layout.load_items(ddir).limit(cfg.plan.sample_rows).take_all()
     lengths = token_stats(cfg, sample)
     teacher = None
-    if cfg.teach.backend != "openai":
+    if cfg.teach.backend not in ("openai", "rationale"):
         teacher = param_count(cfg.teach.model, cfg.plan.teacher_params_b)
     elif cfg.plan.teacher_params_b:
         teacher = cfg.plan.teacher_params_b * 1e9

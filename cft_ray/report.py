@@ -133,18 +133,39 @@ def _section_data(data_dir: str | None) -> list[str]:
             f"({', '.join(f'{k}: {v}' for k, v in c.get('error_reasons', {}).items())}); {c['rows_out']:,} items used.", ""]
 
 
+def _section_warmup(wdir: str | None) -> list[str]:
+    """The student's warm-up: on what, how much, and what it left out."""
+    m = _manifest(wdir)
+    if not m:
+        return []
+    c = m["counts"]
+    tm = store.read_json(store.join(wdir, "train_manifest.json"))
+    return ["## Warm-up", f"The student scored and fine-tuned below is the configured one after direct-answer SFT on "
+            f"{c['examples'] - c['errors']:,} items of `{m.get('source')}` ({c.get('shared_with_run', 0):,} left out: they are "
+            f"also the run's items); {tm['steps']} steps, {tm['method']}, {_fmt(tm.get('tokens_per_s'), 1)} tokens/s, "
+            f"final loss {_fmt(tm['loss_curve'][-1]['loss'] if tm.get('loss_curve') else None)}.", ""]
+
+
 def _section_score(sdir: str | None, rdir: str) -> list[str]:
     """Student accuracy, throughput and each uncertainty metric's ROC AUC; copies the score plots."""
     m = _manifest(sdir)
     if not m:
         return []
-    ov = store.read_json(store.join(sdir, "roc.json"))["overall"]
+    roc = store.read_json(store.join(sdir, "roc.json"))
+    ov = roc["overall"]
     lines = ["## Score: how unsure is the student?",
              f"Student accuracy on its own answer token: {_fmt(ov['accuracy'])} over {ov['n']:,} valid rows; "
              f"{m['throughput']['rows_per_s']:.1f} rows/s, {m['throughput']['tokens_per_s']:.0f} tokens/s, "
              f"padding waste {m['throughput'].get('padding_waste')}.", "",
              "ROC AUC of each metric as a predictor of a correct answer (confidence = 1 - metric/max):", ""]
     lines += _table(["metric", "AUC"], [[k, v] for k, v in ov["auc"].items()]) + [""]
+    if "vs_level" in roc:  # a task with known levels: the metric against the truth, not only the student's answer
+        vl = roc["vs_level"]
+        lines += [f"Known difficulty: ROC AUC of each metric as a predictor of an easier item ({vl['easy']}, "
+                  f"{vl['n_correct']:,} of {vl['n']:,} rows), and the student by level:", ""]
+        lines += _table(["metric", "AUC vs level"], [[k, v] for k, v in vl["auc"].items()]) + [""]
+        lines += _table(["level", "rows", "student accuracy", "entropy AUC vs correct"],
+                        [[k, v["n"], _fmt(v["accuracy"]), v["auc"].get("entropy")] for k, v in roc["by_level"].items()]) + [""]
     for name in ("roc.png", "hist.png"):
         if _copy(store.join(sdir, name), store.join(rdir, f"score_{name}")):
             lines.append(f"![{name}](score_{name})")
@@ -160,6 +181,12 @@ def _section_split(spdir: str | None, rdir: str) -> list[str]:
              f"{[round(x, 4) for x in sj['thresholds']]} (fitted on {sj['fitted_on']}). Routing: {sj['routing']}.", ""]
     lines += _table(["split"] + sj["buckets"], [[s] + [v.get(b, 0) for b in sj["buckets"]] for s, v in sj["sizes"].items()])
     lines += ["", f"Excluded (kept, flagged): {sj['excluded'] or 'none'}."]
+    rq = sj.get("routing_quality")
+    if rq and rq["routed_cot"]:
+        lines += ["", f"Routing against the student's own answers (train + valid, {rq['rows']:,} rows): of the "
+                  f"{rq['routed_cot']:,} rows routed to CoT, {_fmt(rq['precision'])} were answered wrong (precision; "
+                  f"{_fmt(rq['base_rate_wrong'])} of all rows were); of the {rq['student_wrong']:,} answered wrong, "
+                  f"{_fmt(rq['recall'])} were routed (recall)."]
     if _copy(store.join(spdir, sj.get("plot", "distribution.png")), store.join(rdir, "split_distribution.png")):
         lines += ["", "![distribution](split_distribution.png)"]
     return lines + [""]
@@ -321,6 +348,7 @@ def render(run_dir: str) -> str:
     dirs = run.get("stage_dirs", {})
     lines = (_section_setup(run, run_dir)
              + _section_data(dirs.get("data"))
+             + _section_warmup(dirs.get("warmup"))
              + _section_score(dirs.get("score"), rdir)
              + _section_split(dirs.get("split"), rdir)
              + _section_teach(dirs.get("teach"))

@@ -296,7 +296,7 @@ def score(ds, cfg: CftConfig, prompt: str = "score", model: ModelConfig | None =
                           batch_format="pyarrow", **pool.map_args())
 
 
-DIAG_COLUMNS = ["item_id", "subject", "category", "valid", "unknown", "correct", "label_collision",
+DIAG_COLUMNS = ["item_id", "subject", "category", "level", "valid", "unknown", "correct", "label_collision",
                 "prompt_tokens", "padded_tokens", "error", *metrics.SCORE_METRICS]
 
 

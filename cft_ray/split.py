@@ -544,6 +544,26 @@ def external_scores(cfg: CftConfig, data_dir: str):
                                                    fn_kwargs={"scores": table, "cfg": cfg}), counts
 
 
+def routing_quality(out: str) -> dict | None:
+    """How well the routing finds what the student gets wrong, on the routed (train + valid) rows: precision =
+    of the rows routed to CoT, the share the student answered wrong; recall = of the rows it answered wrong,
+    the share routed to CoT. None where the rows carry no student answer (split.scores without one)."""
+    parts = [store.join(out, s) for s in ("train", "valid") if store.part_files(store.join(out, s))]
+    try:
+        t = pa.concat_tables(store.columns(p, ["treatment", "correct"]) for p in parts) if parts else None
+    except pa.ArrowInvalid:  # no `correct` column
+        return None
+    if t is None:
+        return None
+    routed = pc.equal(t["treatment"], "cot").to_numpy(zero_copy_only=False)
+    wrong = ~pc.fill_null(t["correct"], False).to_numpy(zero_copy_only=False)
+    n_routed, n_wrong, hit = int(routed.sum()), int(wrong.sum()), int((routed & wrong).sum())
+    return {"rows": t.num_rows, "routed_cot": n_routed, "student_wrong": n_wrong, "routed_and_wrong": hit,
+            "precision": round(hit / n_routed, 4) if n_routed else None,
+            "recall": round(hit / n_wrong, 4) if n_wrong else None,
+            "base_rate_wrong": round(n_wrong / t.num_rows, 4) if t.num_rows else None}
+
+
 def main(cfg: CftConfig) -> str:
     """Stage entry: split the score stage's rows (or the items with `split.scores`) into
     `stage_dir(cfg, "split")` (skipped when finished)."""
@@ -567,6 +587,7 @@ def main(cfg: CftConfig) -> str:
     if not summary["counts"]["reconciles"] or any(written[o] != summary["counts"][o] for o in OUTPUTS):
         raise RuntimeError(f"split: counts do not reconcile: {summary['counts']}, written {written}")
     summary["scores_from"] = external or {"source": f"score stage {upstream}"}
+    summary["routing_quality"] = routing_quality(out)
     store.write_json(store.join(out, "split.json"), summary)
     _plot(store.join(out, "distribution.png"), cuts_fit,
           f"{summary['difficulty']} ({cfg.split.method}), pool n={cuts_fit['n_pool']}, test n={summary['test']['rows']}")

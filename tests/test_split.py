@@ -302,6 +302,15 @@ def test_ray_split_outputs_reconcile_and_respect_every_rule(default_run):
     assert summary["sizes"]["train"]["hard"] == outs["train"].filter(pa.compute.equal(outs["train"]["bucket"], "hard")).num_rows
     assert set(outs["train"].filter(pa.compute.equal(outs["train"]["bucket"], "hard"))["treatment"].to_pylist()) == {"cot"}
 
+    # routing against the student's answers, counted by hand from the written rows
+    tv = pa.concat_tables([outs["train"].select(["treatment", "correct"]), outs["valid"].select(["treatment", "correct"])]).to_pylist()
+    routed = [r for r in tv if r["treatment"] == "cot"]
+    wrong = [r for r in tv if not r["correct"]]
+    rq = summary["routing_quality"]
+    assert (rq["rows"], rq["routed_cot"], rq["student_wrong"]) == (len(tv), len(routed), len(wrong)) and routed and wrong
+    assert rq["precision"] == round(sum(not r["correct"] for r in routed) / len(routed), 4)
+    assert rq["recall"] == round(sum(r["treatment"] == "cot" for r in wrong) / len(wrong), 4)
+
     assert os.path.getsize(f"{out}/distribution.png") > 1000
     manifest = json.loads(open(f"{out}/manifest.json").read())
     assert manifest["counts"]["rows_in"] == N and manifest["stage"] == "split"

@@ -233,3 +233,44 @@ def test_hf_and_vllm_on_smollm2_same_rows_parseable(ray_local, tmp_path, smollm2
         assert all(r["prompt_tokens"] > 50 and 0 < r["completion_tokens"] for r in s.values()), backend
     # same prompts (same chat template) on both engines: same prompt token counts
     assert {k: r["prompt_tokens"] for k, r in outs["hf"].items()} == {k: r["prompt_tokens"] for k, r in outs["vllm"].items()}
+
+
+def test_rationale_backend_reads_the_datas_solutions_checks_them_and_costs_no_call(ray_local, tmp_path, tiny_model_dir, items):
+    """teach.backend=rationale: each CoT row's own worked solution, judged like a teacher's (a wrong one is
+    'wrong answer', a missing one 'no marker'), tokens counted with the student's tokenizer, no teacher call."""
+    from transformers import AutoTokenizer
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"student.name={tiny_model_dir}", "teach.backend=rationale"])
+    good = [{**it, "rationale": f"Worked out: option {it['answer'] + 1}. [[{it['answer'] + 1}]]"} for it in items[:5]]
+    wrong = {**items[5], "rationale": "Worked out badly. [[1]]"}  # gold is option 2
+    missing = {**items[6], "rationale": None}
+    make_split(cfg, good + [wrong, missing], {it["item_id"] for it in good + [wrong, missing]})
+    out = arms.teach_for_arms(cfg)
+    s = {r["item_id"]: r for r in samples_of(out)}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for it in good:
+        r = s[it["item_id"]]
+        assert r["text"] == it["rationale"] and r["correct"] and r["parsed"] == it["answer"]
+        assert r["completion_tokens"] == len(tok(it["rationale"], add_special_tokens=False)["input_ids"]) > 0
+        assert r["prompt_tokens"] == 0 and r["finish_reason"] == "rationale"
+    fails = {r["item_id"]: r["reason"] for r in read_dir(store.join(out, "failures"))}
+    assert fails == {wrong["item_id"]: "wrong answer", missing["item_id"]: "no marker"}
+    assert {r["item_id"] for r in read_dir(store.join(out, "cot"))} == {it["item_id"] for it in good}
+    m = store.read_json(store.join(out, "manifest.json"))
+    assert m["teacher"]["backend"] == "rationale" and m["tokens"]["in"] == 0
+    # data spent: the rationale tokens count, the calls do not (a constructed train manifest: no training here)
+    train_dir = tmp_path / "train"
+    os.makedirs(train_dir)
+    store.write_json(str(train_dir / "train_manifest.json"), {"data_spent_target_tokens": 10, "phases": []})
+    spent = arms.data_spent(cfg, str(train_dir), {it["item_id"] for it in good + [wrong]})
+    assert spent["teacher_calls"] == 0 and spent["teacher_tokens_out"] == sum(s[i["item_id"]]["completion_tokens"] for i in good + [wrong])
+
+
+def test_rationale_backend_without_a_rationale_column_fails_on_the_driver(tiny_model_dir, tmp_path):
+    from cft_ray import pipeline
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"student.name={tiny_model_dir}", "teach.backend=rationale"])
+    with pytest.raises(ConfigError, match="teach.backend=rationale needs data.columns.rationale"):
+        pipeline.preflight(cfg, pipeline.needed(cfg))
+    ok = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "embedded:arith"})})
+    pipeline.preflight(ok, pipeline.needed(ok))

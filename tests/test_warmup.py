@@ -1,0 +1,53 @@
+"""The warm-up stage (warmup.source): direct-answer SFT of the student on items of its own before scoring,
+leaving out any item that shares content with the run's items, and every later stage's student is its model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cft_ray import data, pipeline, store, warmup
+from cft_ray.config import load_config
+from cft_ray.layout import stage_dir
+
+
+def _items(prefix: str, n: int, offset: int = 0) -> list[dict]:
+    return [{"item_id": f"{prefix}{k}", "question": f"What is {k + offset} + 1?", "options": [str(k + offset + d) for d in range(4)],
+             "answer": 1, "subject": "arithmetic"} for k in range(n)]
+
+
+@pytest.mark.heavy
+def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local, tiny_model_dir, tmp_path):
+    run_items = _items("r", 12)
+    # 16 warm-up items: 3 are run items under other ids (same question and options), 13 are new
+    warm_items = _items("w", 3) + _items("w-new", 13, offset=100)
+    for name, rows in (("run.jsonl", run_items), ("warm.jsonl", warm_items)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={tiny_model_dir}",
+                             f"warmup.source={tmp_path}/warm.jsonl", "warmup.method=lora", "warmup.lr=1e-2", "warmup.epochs=2",
+                             "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
+                             "train.precision=fp32", "train.max_length=256", "train.pool.size=1", "train.checkpoint_every_steps=100"])
+    assert pipeline.needed(cfg)[:3] == ["data", "warmup", "score"]
+    pipeline.preflight(cfg, pipeline.needed(cfg))
+    data.main(cfg)
+    out = warmup.main(cfg)
+    assert out == stage_dir(cfg, "warmup")
+    m = store.read_json(store.join(out, "manifest.json"))
+    c = m["counts"]
+    assert (c["warmup_items"], c["shared_with_run"], c["rows_in"], c["examples"], c["errors"]) == (16, 3, 13, 13, 0)
+    trained = set(store.columns(store.join(out, "examples"), ["item_id"])["item_id"].to_pylist())
+    assert trained == {r["item_id"] for r in warm_items[3:]}  # the run's content never trains here
+    tm = store.read_json(store.join(out, "train_manifest.json"))
+    assert tm["method"] == "lora" and tm["steps"] == 6 and [p["name"] for p in tm["phases"]] == ["merged"]  # 13 rows // 4 x 2 epochs
+    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    after = load_file(store.join(out, "model", "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # LoRA merged into the weights
+    # every stage after it runs with the warmed model; the data stage and the warm-up itself with the configured one
+    assert warmup.stage_config(cfg, "score").student.name == store.join(out, "model")
+    assert warmup.stage_config(cfg, "data").student.name == tiny_model_dir
+    no_warm = cfg.model_copy(update={"warmup": cfg.warmup.model_copy(update={"source": None})})
+    dirs, plain = pipeline.stage_dirs(cfg), pipeline.stage_dirs(no_warm)
+    assert dirs["data"] == plain["data"] and dirs["score"] != plain["score"] and dirs["split"] != plain["split"]
+    assert warmup.main(cfg) == out  # finished: skipped

@@ -130,7 +130,7 @@ def main(cfg: CftConfig, rows, coverage: list[str]) -> str:
     # every arm's CoT rows, taught once; earlier arms' rows are found done in parts/ and skipped
     items = rows.filter(expr=col("treatment") == "cot")
     ids = store.column_values(items, "item_id")
-    rounds = t.samples if t.policy == "resample" else 1
+    rounds = t.samples if t.policy == "resample" and t.backend != "rationale" else 1  # a data text reads the same twice
     todo, gen_s, new_out = ids, 0.0, 0
     for r in range(rounds):
         parts = store.join(out, "parts", f"r{r}")

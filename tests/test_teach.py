@@ -258,6 +258,7 @@ def test_rationale_backend_reads_the_datas_solutions_checks_them_and_costs_no_ca
     assert {r["item_id"] for r in read_dir(store.join(out, "cot"))} == {it["item_id"] for it in good}
     m = store.read_json(store.join(out, "manifest.json"))
     assert m["teacher"]["backend"] == "rationale" and m["tokens"]["in"] == 0
+    assert m["counts"]["generated"] == 7  # one reading per item: resampling a fixed text would repeat it
     # data spent: the rationale tokens count, the calls do not (a constructed train manifest: no training here)
     train_dir = tmp_path / "train"
     os.makedirs(train_dir)

@@ -28,7 +28,7 @@ def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local
     cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={tiny_model_dir}",
                              f"warmup.source={tmp_path}/warm.jsonl", "warmup.method=lora", "warmup.lr=1e-2", "warmup.epochs=2",
                              "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
-                             "train.precision=fp32", "train.max_length=256", "train.pool.size=1", "train.checkpoint_every_steps=100"])
+                             "train.precision=fp32", "train.max_length=256", "teach.max_tokens=64", "train.pool.size=1", "train.checkpoint_every_steps=100"])
     assert pipeline.needed(cfg)[:3] == ["data", "warmup", "score"]
     pipeline.preflight(cfg, pipeline.needed(cfg))
     data.main(cfg)
@@ -38,7 +38,7 @@ def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local
     c = m["counts"]
     assert (c["warmup_items"], c["shared_with_run"], c["rows_in"], c["examples"], c["errors"]) == (16, 3, 13, 13, 0)
     trained = set(store.columns(store.join(out, "examples"), ["item_id"])["item_id"].to_pylist())
-    assert trained == {r["item_id"] for r in warm_items[3:]}  # the run's content never trains here
+    assert trained == {data.content_id(r["question"], r["options"]) for r in warm_items[3:]}  # the run's content never trains here
     tm = store.read_json(store.join(out, "train_manifest.json"))
     assert tm["method"] == "lora" and tm["steps"] == 6 and [p["name"] for p in tm["phases"]] == ["merged"]  # 13 rows // 4 x 2 epochs
     before = load_file(f"{tiny_model_dir}/model.safetensors")

@@ -97,7 +97,8 @@ def test_roc_report_overall_and_groups():
 
 
 def test_roc_report_against_a_known_level():
-    """With a level column: the AUC of each metric for telling levels <= the median level from the rest
+    """With a level column: the AUC of each metric for telling the levels up to the cut nearest an even split of the
+    rows from the rest
     (sklearn on that label, by hand), per-level summaries keyed 1, 2, ... (not 1.0 where a null made the
     column float), and no level section where every row has the same level or none."""
     from sklearn.metrics import roc_auc_score
@@ -113,6 +114,9 @@ def test_roc_report_against_a_known_level():
     assert rep["vs_level"]["easy"] == "level <= 2" and rep["vs_level"]["n"] == len(df) - 5
     assert set(rep["by_level"]) == {"1", "2", "3", "4", "<none>"}
     assert "vs_level" not in metrics.roc_report(df.assign(level=2)) and "vs_level" not in metrics.roc_report(df)
+    # 10% at level 1, 70% at level 2, 20% at 3: "<= 1" leaves 10% of the rows easy, "<= 2" 80%
+    lopsided = np.repeat([1.0, 2.0, 3.0], [20, 140, 40])
+    assert metrics.roc_report(df.assign(level=lopsided))["vs_level"]["easy"] == "level <= 2"  # |0.8-0.5| < |0.1-0.5|
 
 
 def test_plots_write_png(tmp_path):

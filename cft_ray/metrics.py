@@ -97,9 +97,9 @@ def roc_report(df, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "cor
               "overall": _summary(df, metrics, label)}
     levels = df["level"].dropna() if "level" in df else []
     if len(levels) and levels.nunique() > 1:
-        # a known difficulty (generated tasks): how well each metric tells the easier levels from the harder ones, and per level (accuracy falling with the level is the task's premise, checked here)
+        # a known difficulty: how well each metric tells the easier levels from the harder ones, cut nearest an even
+        # split of the rows (the median level put 80% of the arith pool on one side), and each level on its own
         known = df[df["level"].notna()]
-        # the cut nearest an even split of the rows (a median level can put 80% of them on one side)
         share = levels.value_counts(normalize=True).sort_index().cumsum()[:-1]
         cut = float((share - 0.5).abs().idxmin())
         report["vs_level"] = {"easy": f"level <= {cut:g}", **_summary(known.assign(_easy=known["level"] <= cut), metrics, "_easy")}

@@ -141,7 +141,7 @@ def _section_warmup(wdir: str | None) -> list[str]:
     c = m["counts"]
     tm = store.read_json(store.join(wdir, "train_manifest.json"))
     return ["## Warm-up", f"The student scored and fine-tuned below is the configured one after direct-answer SFT on "
-            f"{c['examples'] - c['errors']:,} items of `{m.get('source')}` ({c.get('shared_with_run', 0):,} left out: they are "
+            f"{c['rows_out']:,} items of `{m.get('source')}` ({c.get('shared_with_run', 0):,} left out: they are "
             f"also the run's items); {tm['steps']} steps, {tm['method']}, {_fmt(tm.get('tokens_per_s'), 1)} tokens/s, "
             f"final loss {_fmt(tm['loss_curve'][-1]['loss'] if tm.get('loss_curve') else None)}.", ""]
 

@@ -550,10 +550,8 @@ def routing_quality(out: str) -> dict | None:
     the share routed to CoT. None where the rows carry no student answer (split.scores without one)."""
     parts = [store.join(out, s) for s in ("train", "valid") if store.part_files(store.join(out, s))]
     try:
-        t = pa.concat_tables(store.columns(p, ["treatment", "correct"]) for p in parts) if parts else None
-    except pa.ArrowInvalid:  # no `correct` column
-        return None
-    if t is None:
+        t = pa.concat_tables(store.columns(p, ["treatment", "correct"]) for p in parts)
+    except pa.ArrowInvalid:  # no `correct` column, or no routed rows at all
         return None
     routed = pc.equal(t["treatment"], "cot").to_numpy(zero_copy_only=False)
     wrong = ~pc.fill_null(t["correct"], False).to_numpy(zero_copy_only=False)

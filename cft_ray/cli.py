@@ -5,6 +5,9 @@ This file only parses arguments, checks on the driver what can fail there, start
 prints where the output is. No module of the package imports torch, scipy, transformers or Ray at
 import time (each imports them where it computes), so a config the first checks reject fails in about
 a second. `jobs/*.py` call `job()`.
+
+Errors: exit 2 and one stderr line (`cft-ray: <field or input>: ...`) for a config or input to change, exit 1 and
+one line naming the exception and the file its traceback was kept in for anything else; `--debug` prints it.
 """
 from __future__ import annotations
 
@@ -13,13 +16,18 @@ import json
 import logging
 import sys
 import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cft_ray import data, models, pipeline, report, store, warmup
+from cft_ray import data, pipeline, preflight, report, store, warmup
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
 from cft_ray.pipeline import STAGES
-from cft_ray.runtime import init_ray
+from cft_ray.runtime import init_ray, joins_cluster
+
+log = logging.getLogger("cft_ray")
 
 ALIASES = {"arms": ["evaluate"]}  # `cft-ray evaluate` (and jobs/evaluate.py) predate the arms module
 COMMANDS = {**{n: s.doc for n, s in STAGES.items()}, "run": "the whole pipeline, skipping finished stages"}
@@ -32,32 +40,39 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cft-ray", description="Complexity-aware fine-tuning on Ray.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    # -v/--debug before or after the subcommand: the subparsers' copies must not reset the main parser's
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of a failure (else one line, the traceback kept in a log file)")
+    ap = argparse.ArgumentParser(prog="cft-ray", description="Complexity-aware fine-tuning on Ray.", parents=[common])
+    ap.set_defaults(verbose=False, debug=False)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, doc in COMMANDS.items():
         if name == "report":  # takes a run dir, not a config
             continue
         if name == "data":
-            dp = sub.add_parser("data", help=doc).add_subparsers(dest="data_cmd", required=True)
-            _config_args(dp.add_parser("prepare", help=doc))
-            ins = dp.add_parser("inspect", help="counts, error breakdown and a sample of a source, written nowhere")
+            dp = sub.add_parser("data", help=doc, parents=[common]).add_subparsers(dest="data_cmd", required=True)
+            _config_args(dp.add_parser("prepare", help=doc, parents=[common]))
+            ins = dp.add_parser("inspect", help="counts, error breakdown and a sample of a source, written nowhere",
+                                parents=[common])
             ins.add_argument("source", help="embedded:mmlu, a file/dir/glob, or hf:<id>")
             ins.add_argument("overrides", nargs="*", metavar="data.key=value")
             ins.add_argument("--sample", type=int, default=3, help="items to print")
             continue
-        sp = sub.add_parser(name, help=doc, aliases=ALIASES.get(name, []))
+        sp = sub.add_parser(name, help=doc, aliases=ALIASES.get(name, []), parents=[common])
         _config_args(sp)
         if name == "run":
             sp.add_argument("--only", help="run just this stage (upstream must be finished)")
             sp.add_argument("--from", dest="from_stage", help="re-run from this stage on")
-            sp.add_argument("--dry-run", action="store_true", help="print the plan and what would be skipped")
-    rep = sub.add_parser("report", help="(re)write the human report of a run directory")
+            sp.add_argument("--dry-run", action="store_true", help="run the driver checks, print what they found, "
+                            "the plan and what would be skipped")
+    rep = sub.add_parser("report", help="(re)write the human report of a run directory", parents=[common])
     rep.add_argument("run_dir")
     return ap
 
 
-def _inspect(args) -> int:
+def _inspect(args) -> str:
     cfg = load_config(None, [f"data.source={args.source}", *args.overrides])
     init_ray(cfg.ray.model_copy(update={"object_store_gb": 1}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,33 +85,68 @@ def _inspect(args) -> int:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False)[:500])
     data.require_items(counts, cfg.data)  # after the breakdown: exit 2 with the one-line reason
-    return 0
+    return ""
+
+
+def _command(args) -> str:
+    """Run one parsed command; where its output is."""
+    if args.cmd == "data" and args.data_cmd == "inspect":
+        return _inspect(args)
+    if args.cmd == "report":
+        return report.main_dir(args.run_dir)
+    cfg = load_config(args.config, args.overrides)
+    stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
+    only, from_stage = (args.only, args.from_stage) if args.cmd == "run" else (None, None)
+    preflight.check_config(cfg, pipeline.needed(cfg) if args.cmd == "run" else [stage])
+    may_grow = joins_cluster(cfg.ray)
+    init_ray(cfg.ray)
+    starting = [s for s, act in pipeline.actions(cfg, pipeline.stage_dirs(cfg), only, from_stage)
+                if not act.startswith("skip")] if args.cmd == "run" else [stage]
+    found = preflight.check_resources(cfg, starting, may_grow)
+    if args.cmd != "run":
+        return STAGES[stage].run(warmup.stage_config(cfg, stage))
+    if args.dry_run:
+        print("driver checks passed: run_dir writable, models and chat templates, labels, length limits")
+        print("\n".join(f"  {line}" for line in found))
+    return pipeline.main(cfg, only=only, from_stage=from_stage, dry_run=args.dry_run)
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The exception to report: Ray wraps a task's error (`.cause`), Ray Data chains it (`__cause__`); a
+    ConfigError is the message itself, whatever it was raised from."""
+    seen = {id(e)}
+    while isinstance(nxt := getattr(e, "cause", None) or (None if isinstance(e, ConfigError) else e.__cause__),
+                     BaseException) and id(nxt) not in seen:
+        e = nxt
+        seen.add(id(e))
+    return e
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One error contract for every command: exit 2 and one line for a config or input error, exit 1 and one
+    line naming the exception for anything else; the traceback only with --debug, else in a log file."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.cmd == "data" and args.data_cmd == "inspect":
-            return _inspect(args)
-        if args.cmd == "report":
-            print(report.main_dir(args.run_dir))
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
-        if args.cmd == "run" or stage in models.STUDENT_STAGES:
-            models.check_template_files(cfg.student)
-        pipeline.preflight(cfg, pipeline.needed(cfg) if args.cmd == "run" else [stage])
-        init_ray(cfg.ray)
-        if args.cmd == "run":
-            out = pipeline.main(cfg, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run)
-        else:
-            out = STAGES[stage].run(warmup.stage_config(cfg, stage))
-    except ConfigError as e:
-        print(f"cft-ray: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {out}")
+        out = _command(args)
+    except Exception as e:  # noqa: BLE001 - the contract: one line on stderr whatever failed
+        root = _innermost(e)
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(root, ConfigError):
+            print(f"cft-ray: {(str(root).splitlines() or [''])[0]}", file=sys.stderr)
+            return 2
+        kept = Path(tempfile.gettempdir()) / "cft-ray" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.cmd}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(traceback.format_exc())
+        first = (str(root).strip().splitlines() or [""])[0][:300]
+        print(f"cft-ray: {args.cmd} failed: {type(root).__name__}: {first} (traceback: {kept}; --debug prints it)",
+              file=sys.stderr)
+        return 1
+    if args.cmd == "data" and args.data_cmd == "inspect":
+        return 0
+    print(f"output: {store.shown(out)}")
     return 0
 
 

@@ -42,6 +42,7 @@ class RayConfig(_Base):
     address: str | None = Field(None, description="Cluster to join ('auto', 'ray://host:10001'); None uses RAY_ADDRESS or starts a local Ray: simplest, one node.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None = all cores. Fewer leaves room for other work on the box.")
     object_store_gb: float = Field(1.5, gt=0, description="Object store of a local Ray; larger holds more blocks in flight but takes RAM from the model.")
+    resource_wait_minutes: float = Field(10, ge=0, description="On a joined cluster, how long a stage whose actors or workers fit no node yet waits for the autoscaler before failing with the field that asks (a local Ray cft-ray started, or a resource no node type offers, fails at once); 0 = never wait.")
     parquet_reader: Literal["v1", "v2"] = Field("v1", description="Ray Data's Parquet reader: v2 (ListFiles -> ReadFiles, Ray 2.60's default) idled 2-15 s per read here where v1 takes 0.2 s (bench/reader.py); same rows either way.")
 
 
@@ -97,6 +98,13 @@ class ActorPool(_Base):
 
     def cpu_threads(self) -> int:
         return self.threads or max(1, int(self.num_cpus))
+
+    def bundle(self) -> dict[str, float]:
+        """What one actor of this pool asks Ray for (zero amounts left out, as Ray does)."""
+        return {k: v for k, v in {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}.items() if v}
+
+    def min_size(self) -> int:
+        return self.size if isinstance(self.size, int) else self.size[0]
 
     def map_args(self) -> dict:
         """`map_batches` arguments that place and size this pool (every stage's actors go through here)."""

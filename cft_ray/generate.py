@@ -320,6 +320,13 @@ def vllm_request(spec: GenerationSpec, path: str, row: dict) -> dict:
             "sampling_params": params}
 
 
+def placement(spec: GenerationSpec) -> list[dict[str, float]]:
+    """The resource bundles one engine (or actor) of `spec` asks Ray for; none for the data's rationales."""
+    if spec.backend == "rationale":
+        return []
+    return _bundles(spec)["bundles"] if spec.backend == "vllm" else [spec.pool.bundle()]
+
+
 def _bundles(spec) -> dict:
     """The engine's placement group: a CPU bundle on a CPU pool (Ray's default asks for a GPU), and the
     pool's custom node resources (e.g. `infer_node`) spread over the tensor-parallel bundles, so the

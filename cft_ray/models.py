@@ -26,7 +26,9 @@ def resolve(cfg: ModelConfig) -> str:
     """A path (or hub id) that transformers and vLLM can load with no further options."""
     if cfg.name in EMBEDDED_MODELS:
         return _from_gguf(package_file(*EMBEDDED_MODELS[cfg.name]), cfg)
-    path = Path(cfg.name).expanduser()
+    path = _local(cfg)
+    if path is None:
+        return cfg.name  # a hub id: transformers fetches it when the machine is online
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, cfg)
     if path.is_dir():
@@ -36,9 +38,17 @@ def resolve(cfg: ModelConfig) -> str:
             raise ConfigError(f"model.name: {path} has no config.json (not a Hugging Face model directory)")
         _check_code(path, cfg)
         return str(path)
+    raise ConfigError(f"model.name: {path} is neither a model directory nor a .gguf file")
+
+
+def _local(cfg: ModelConfig) -> Path | None:
+    """The model's local path; None for a hub id. A name that looks like a path must exist."""
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        return path
     if path.suffix == ".gguf" or cfg.name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {cfg.name} does not exist")
-    return cfg.name  # a hub id: transformers fetches it when the machine is online
+    return None
 
 
 def _check_code(path: Path, cfg: ModelConfig) -> None:
@@ -111,6 +121,24 @@ def check_template_files(cfg: ModelConfig) -> None:
     if not (shipped or (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file()
             or (path / "additional_chat_templates").is_dir()):
         raise _no_template(cfg)
+
+
+def check_hub(cfg: ModelConfig) -> None:
+    """A name that is no local path nor alias is a hub id: it must be in the local Hugging Face cache or served
+    by the Hub, asked once on the driver (else every actor fails after a minute of download retries)."""
+    if cfg.name in EMBEDDED_MODELS or _local(cfg) is not None:
+        return
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision), str):
+        return
+    try:
+        model_info(cfg.name, revision=cfg.revision, timeout=10)
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated or private: one answer for the user
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"model.name: {cfg.name!r} is not a local directory, a .gguf file or an embedded alias "
+                          f"({', '.join(EMBEDDED_MODELS)}), and the Hub does not serve it ({type(e).__name__}: {why}); "
+                          "fix the name, copy the model to disk every node reads, or set HF_TOKEN for a gated repo") from None
 
 
 def context_length(cfg: ModelConfig) -> int | None:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
-from cft_ray import arms, data, layout, models, plan, report, score, select, split, store, warmup
+from cft_ray import arms, data, layout, plan, report, score, select, split, store, warmup
 from cft_ray.config import CftConfig, ConfigError, config_hash
-from cft_ray.prompts import messages, prompt_ids
 
 log = logging.getLogger("cft_ray")
 
@@ -68,59 +67,6 @@ def needed(cfg: CftConfig) -> list[str]:
     skip = {s for s, need in (("warmup", bool(cfg.warmup.source)), ("score", not cfg.split.scores), ("teach", arms.needs_teacher(cfg)),
                               ("select", cfg.selection == "instructdiff")) if not need}
     return [s for s in CHAIN if s not in skip]
-
-
-def preflight(cfg: CftConfig, stages: list[str]) -> None:
-    """What can fail on the driver fails there, before Ray starts, as a ConfigError naming the option (not
-    tracebacks from the actors): every model these stages load has a tokenizer and a chat template, the
-    labels tokenise apart, and the fixed part of every prompt leaves room within each length limit."""
-    room: list[tuple[str, int | None, int, str]] = []  # (field, its limit, tokens needed, what needs them)
-    if models.STUDENT_STAGES & set(stages):
-        tok = models.load_tokenizer(cfg.student)
-        score.check_labels(tok, cfg.prompt)
-        room += _student_room(cfg, stages, tok)
-    if "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend == "rationale":
-        cols = cfg.data.columns or (data.EMBEDDED[cfg.data.source][2] if cfg.data.source in data.EMBEDDED else None)
-        if cols is None or cols.rationale is None:
-            raise ConfigError("teach.backend=rationale needs data.columns.rationale (the field holding each item's "
-                              "worked solution); or pick a teacher backend (vllm, hf, openai)")
-    elif "teach" in stages and arms.needs_teacher(cfg) and cfg.teach.backend != "openai":
-        need = _fixed_tokens(cfg, models.load_tokenizer(cfg.teach.model), "teacher") + cfg.teach.max_tokens
-        ctx = models.context_length(cfg.teach.model)
-        if cfg.teach.backend == "vllm":
-            room.append(("teach.engine_kwargs.max_model_len", cfg.teach.engine_kwargs.get("max_model_len") or ctx, need,
-                         "the teacher prompt's fixed part + teach.max_tokens"))
-            need = cfg.teach.engine_kwargs.get("max_model_len") or need
-        room.append((f"teach.model ({cfg.teach.model.name}) max_position_embeddings", ctx, need, "the teacher's engine"))
-    for field, limit, need, what in room:
-        if limit is not None and need > limit:
-            raise ConfigError(f"{field}: {limit} tokens < {need} for {what}; raise it or lower the budget")
-
-
-def _fixed_tokens(cfg: CftConfig, tok, kind: str) -> int:
-    """Tokens of a `kind` prompt before any question or option text: template, system message, instructions."""
-    blank = {"question": "", "options": [""] * 4}
-    return len(prompt_ids(tok, messages(kind, blank, cfg.prompt.labels, cfg.prompt.fallback, cfg.prompt.preset)))
-
-
-def _student_room(cfg: CftConfig, stages: list[str], tok) -> list[tuple[str, int | None, int, str]]:
-    ctx = models.context_length(cfg.student)
-    trains = bool({"arms", "train"} & set(stages))  # a score-only command is not held to training's limits
-    out = [(f"student ({cfg.student.name}) max_position_embeddings", ctx, cfg.train.max_length, "train.max_length")] \
-        if trains else []
-    if "score" in stages:
-        out.append(("score.max_prompt_tokens", cfg.score.max_prompt_tokens, _fixed_tokens(cfg, tok, "score") + 1,
-                    "the score prompt's fixed part"))
-    if trains and arms.needs_teacher(cfg):
-        out.append(("train.max_length", cfg.train.max_length, _fixed_tokens(cfg, tok, "cot") + cfg.teach.max_tokens,
-                    "a CoT example: its prompt's fixed part + teach.max_tokens"))
-    if "arms" in stages and cfg.eval.backend != "hf" and "generate" in [cfg.eval.mode, *cfg.eval.extra_modes]:
-        need = _fixed_tokens(cfg, tok, "cot") + cfg.eval.max_new_tokens
-        out.append(("eval.engine_kwargs.max_model_len", cfg.eval.engine_kwargs.get("max_model_len") or ctx, need,
-                    "the eval prompt's fixed part + eval.max_new_tokens"))
-        out.append((f"student ({cfg.student.name}) max_position_embeddings", ctx,
-                    cfg.eval.engine_kwargs.get("max_model_len") or need, "eval.engine_kwargs.max_model_len"))
-    return out
 
 
 def _reset(where) -> None:
@@ -173,7 +119,7 @@ def actions(cfg: CftConfig, dirs: dict, only: str | None, from_stage: str | None
 def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None, dry_run: bool = False) -> str:
     dirs = stage_dirs(cfg)
     todo = actions(cfg, dirs, only, from_stage)
-    print(f"run {cfg.run_dir} (config {config_hash(cfg)})")
+    print(f"run {store.shown(cfg.run_dir)} (config {config_hash(cfg)})")
     for s, action in todo:
         shown = dirs[s] if isinstance(dirs[s], str) else f"{len(dirs[s])} arms"
         print(f"  {s:<8} {action:<20} {shown}")
@@ -203,5 +149,5 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
     run["wall_s"] = round(time.time() - started, 2)
     store.write_json(manifest_path, run)
     report_md = store.join(dirs["report"], "report.md")
-    print(f"report: {report_md}")
+    print(f"report: {store.shown(report_md)}")
     return report_md

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from cft_ray import store
+from cft_ray.config import ConfigError
 
 log = logging.getLogger("cft_ray")
 
@@ -366,4 +367,7 @@ def main(cfg) -> str:
 
 
 def main_dir(run_dir: str) -> str:
+    """`cft-ray report RUN_DIR`: a mistyped directory is an error, not an empty report written there."""
+    if not store.exists(run_dir):
+        raise ConfigError(f"report: no run directory at {run_dir}; give the run_dir of a run")
     return render(run_dir)

@@ -9,15 +9,19 @@ from cft_ray.config import RayConfig
 log = logging.getLogger("cft_ray")
 
 
+def joins_cluster(cfg: RayConfig) -> bool:
+    """Whether `init_ray` joins a running cluster (which may grow) rather than starting a local Ray."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(cfg: RayConfig):
     """Connect to cfg.address / RAY_ADDRESS when set (a `ray job submit` sets it), else start a
     local Ray sized to the machine. Re-entrant: an already-initialised Ray is reused."""
     import ray
 
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
+        if joins_cluster(cfg):
+            ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             # address="local": a new local Ray, as documented, even when another Ray runs on this machine
             # (Ray would otherwise join it and refuse num_cpus)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
+import uuid
 from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from cft_ray.config import ConfigError
 
 log = logging.getLogger("cft_ray")
 SUCCESS = "_SUCCESS"
@@ -27,6 +31,27 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(path)
+
+
+def check_writable(path: str) -> None:
+    """Create `path` and write, then delete, a probe file in it: an unreachable object store, a wrong bucket,
+    missing credentials or a read-only mount fail here, on the driver, in one line."""
+    try:
+        fs, p = _fs(path)
+        fs.create_dir(p, recursive=True)
+        probe = f"{p.rstrip('/')}/.cft-ray-probe-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"run_dir: cannot write {path} ({why}); check the path or bucket name, the credentials in the "
+                          "environment (AWS_* for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://) and the network") from None
+
+
+def shown(path: str) -> str:
+    """A path as printed for the user: local ones absolute (a Ray job's working directory is not theirs)."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def join(path: str, *parts: str) -> str:

@@ -1,4 +1,4 @@
-"""Driver checks (pipeline.preflight): what would fail inside every actor fails before Ray starts, in a
+"""Driver checks (preflight.check_config): what would fail inside every actor fails before Ray starts, in a
 ConfigError naming the field. No Ray here: that is the point."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import string
 
 import pytest
 
-from cft_ray import pipeline, prompts, score
+from cft_ray import pipeline, preflight, prompts, score
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, PromptConfig, load_config
 
 
@@ -17,7 +17,7 @@ def _cfg(model_dir, tmp_path, *overrides):
 
 def test_the_embedded_configs_limits_pass(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path)
-    pipeline.preflight(cfg, pipeline.needed(cfg) + ["train"])
+    preflight.check_config(cfg, pipeline.needed(cfg) + ["train"])
 
 
 @pytest.mark.parametrize("override, field", [
@@ -33,13 +33,13 @@ def test_the_embedded_configs_limits_pass(tiny_model_dir, tmp_path):
 def test_a_limit_without_room_fails_on_the_driver_naming_it(tiny_model_dir, tmp_path, override, field):
     cfg = _cfg(tiny_model_dir, tmp_path, override)
     with pytest.raises(ConfigError, match=field.replace("(", r"\(")) as e:
-        pipeline.preflight(cfg, pipeline.needed(cfg) + ["train"])
+        preflight.check_config(cfg, pipeline.needed(cfg) + ["train"])
     assert "\n" not in str(e.value)
 
 
 def test_a_score_only_command_is_not_held_to_training_limits(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, "train.max_length=3000")  # over the tiny model's 2048 positions
-    pipeline.preflight(cfg, ["score"])
+    preflight.check_config(cfg, ["score"])
 
 
 def _digitless_tokenizer():

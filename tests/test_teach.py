@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cft_ray import arms, generate, store, teach
+from cft_ray import arms, generate, pipeline, preflight, store, teach
 from cft_ray.config import ConfigError, load_config
 from cft_ray.layout import SAMPLE_SCHEMA, load_cot, stage_dir
 
@@ -268,10 +268,8 @@ def test_rationale_backend_reads_the_datas_solutions_checks_them_and_costs_no_ca
 
 
 def test_rationale_backend_without_a_rationale_column_fails_on_the_driver(tiny_model_dir, tmp_path):
-    from cft_ray import pipeline
-
     cfg = load_config(None, [f"run_dir={tmp_path}/run", f"student.name={tiny_model_dir}", "teach.backend=rationale"])
     with pytest.raises(ConfigError, match="teach.backend=rationale needs data.columns.rationale"):
-        pipeline.preflight(cfg, pipeline.needed(cfg))
+        preflight.check_config(cfg, pipeline.needed(cfg))
     ok = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "embedded:arith"})})
-    pipeline.preflight(ok, pipeline.needed(ok))
+    preflight.check_config(ok, pipeline.needed(ok))

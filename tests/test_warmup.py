@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cft_ray import data, pipeline, store, warmup
+from cft_ray import data, pipeline, preflight, store, warmup
 from cft_ray.config import load_config
 from cft_ray.layout import stage_dir
 
@@ -30,7 +30,7 @@ def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local
                              "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
                              "train.precision=fp32", "train.max_length=256", "teach.max_tokens=64", "train.pool.size=1", "train.checkpoint_every_steps=100"])
     assert pipeline.needed(cfg)[:3] == ["data", "warmup", "score"]
-    pipeline.preflight(cfg, pipeline.needed(cfg))
+    preflight.check_config(cfg, pipeline.needed(cfg))
     data.main(cfg)
     out = warmup.main(cfg)
     assert out == stage_dir(cfg, "warmup")

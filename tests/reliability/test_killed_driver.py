@@ -3,7 +3,8 @@ duplicated), finished stages are skipped.
 
 - `ray job submit` for real: a `ray start --head` cluster in its own temp dir, the documented command
   submitted with --working-dir, its driver killed while the score stage is writing, the same command
-  submitted again; the outputs are checked, then the cluster is stopped.
+  submitted again; the outputs are checked (and the absolute path the job prints), a job with a relative
+  run_dir is refused in one line, then the cluster is stopped.
 - `cft-ray score` as a second driver on the test session's Ray, killed once parts are on disk, with a
   half-written part left behind: the re-run redoes only the missing rows."""
 from __future__ import annotations
@@ -141,6 +142,15 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
         assert (run_dir / "report" / "report.md").exists()
         run = store.read_json(store.join(str(run_dir), "run_manifest.json"))
         assert run["machine"]["ray_address"].endswith(f":{port}"), "ran on the submitted cluster"
+        assert f"report: {run_dir}/report/report.md" in res.stdout, "where the outputs really are"
+
+        # A relative run_dir would land in the job's temporary copy of its working dir: refused in one line.
+        t0 = time.time()
+        rel = subprocess.run([*submit, "run_dir=runs/relative"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        said = [ln for ln in rel.stdout.splitlines() if ln.startswith("cft-ray: ")]
+        assert rel.returncode != 0 and said and "run_dir: 'runs/relative' is relative" in said[-1], rel.stdout[-3000:]
+        assert "Traceback" not in rel.stdout and time.time() - t0 < 60
+        assert not (ROOT / "runs" / "relative").exists()
     finally:
         _stop(temp)
         shutil.rmtree(temp, ignore_errors=True)

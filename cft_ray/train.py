@@ -266,7 +266,11 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
                 datasets[entry["valid"]] = valid
         phases.append(entry)
     if not any(p["steps"] for p in phases):
-        raise ConfigError("train: no phase has training rows (check routing, teacher output and the schedule)")
+        per = ", ".join(f"{p['name']}: {p['rows']} rows" for p in phases)
+        bad = store.reason_counts(store.column_values(examples.filter(expr=col("error").is_not_null()), "error").to_pylist())
+        raise ConfigError(f"train: no phase has one global batch of {global_batch} rows ({per}; unusable examples: "
+                          f"{bad or 'none'}); check the routing and the teacher's kept output, "
+                          "or lower train.micro_batch, grad_accum or num_workers")
     return phases, datasets
 
 

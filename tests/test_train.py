@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cft_ray import prompts
-from cft_ray.config import TrainConfig, load_config
+from cft_ray.config import ConfigError, TrainConfig, load_config
 from cft_ray.train import IGNORE, build_examples, pack, phase_datasets, resolve_phases, tokenize_examples
 from conftest import LLAMA3_TEMPLATE, PAPER_STUDENTS, QWEN_TEMPLATE, TEMPLATES, build_tiny
 
@@ -195,6 +195,20 @@ def test_data_spent_counts_answer_tokens_whatever_loss_on(ray_local, tiny_model_
     assert [s[0] for s in spent["all"]] == [s[0] for s in spent["assistant"]] and all(s[0] > 0 for s in spent["all"])
     assert [s[2] for s in spent["all"]] == [s[2] for s in spent["assistant"]]
     assert all(s[1] > 3 * s[0] for s in spent["all"]) and all(s[1] == s[0] for s in spent["assistant"])
+
+
+def test_no_phase_with_a_full_batch_fails_in_one_line_with_the_counts(ray_local, tiny_model_dir):
+    """CoT rows without teacher text are unusable examples; the direct rows left are fewer than one global batch."""
+    rows = routed_rows(12)
+    cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1", "train.micro_batch=8", "train.num_workers=2"])
+    cot = [{**c, "text": None} for c in teacher_cot(rows)]
+    ex = build_examples(ray_local.data.from_items(rows, override_num_blocks=1), ray_local.data.from_items(cot, override_num_blocks=1), cfg)
+    with pytest.raises(ConfigError) as e:
+        phase_datasets(ex, cfg)
+    msg = str(e.value)
+    n_direct = sum(r["treatment"] == "direct" and r["split"] == "train" for r in rows)
+    assert "\n" not in msg and msg.startswith("train: no phase has one global batch of 16 rows (direct: ")
+    assert f"direct: {n_direct} rows, cot: 0 rows" in msg and "cot row without teacher text" in msg, msg
 
 
 # --- real training runs ------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         if isinstance(root, ConfigError):
-            print(f"cft-ray: {(str(root).splitlines() or [''])[0]}", file=sys.stderr)
+            print(f"cft-ray: {root}", file=sys.stderr)  # one line, or one per field for several invalid fields
             return 2
         kept = Path(tempfile.gettempdir()) / "cft-ray" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.cmd}.log"
         kept.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ class ActorPool(_Base):
 
 
 class ScoreConfig(_Base):
+    prompt: Literal["score", "direct"] = Field("score", description="What the student reads: 'score' = the paper's scoring prompt, its first answer token (the paper's protocol); 'direct' = the SFT/evaluation direct prompt followed by '[[', where a student already fine-tuned to answer '[[k]]' (after a warm-up) puts its answer (under the score prompt such a student answers '[[' first).")
     pool: ActorPool = Field(default_factory=lambda: ActorPool(batch_size=256), description="Scoring actors; each sorts its batch by length, so bigger batches pad less (64 rows: 22% padding on MMLU, 256: 8%).")
     token_budget: int = Field(4096, ge=16, description="Max padded tokens per forward micro-batch: larger = better utilisation, more memory.")
     max_padding: float = Field(0.2, ge=0, le=1, description="A micro-batch closes before a row that would be padded by more than this fraction of its width: lower = less padding, smaller batches.")
@@ -384,6 +385,10 @@ class CftConfig(_Base):
         need = sorted(SELECT_ARMS & set(self.arms))
         if need and self.selection != "instructdiff":
             raise ValueError(f"selection: arms {need} train on the InstructDiff selection; set selection=instructdiff")
+        if self.warmup.source and self.score.prompt == "score" and not self.split.scores:
+            raise ValueError("score.prompt: the warm-up trains direct answers '[[k]]', so under the score prompt the warmed "
+                             "student's first token is '[[' for every item (embedded:arith: 1,537 of 1,537 invalid); "
+                             "set score.prompt=direct")
         return self
 
 

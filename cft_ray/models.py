@@ -14,6 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from cft_ray import store
 from cft_ray.config import ConfigError, ModelConfig, auto_dtype
 from cft_ray.data import package_file
 from cft_ray.prompts import chat_template
@@ -26,6 +27,8 @@ def resolve(cfg: ModelConfig) -> str:
     """A path (or hub id) that transformers and vLLM can load with no further options."""
     if cfg.name in EMBEDDED_MODELS:
         return _from_gguf(package_file(*EMBEDDED_MODELS[cfg.name]), cfg)
+    if "://" in cfg.name:
+        return _from_store(cfg)
     path = _local(cfg)
     if path is None:
         return cfg.name  # a hub id: transformers fetches it when the machine is online
@@ -49,6 +52,33 @@ def _local(cfg: ModelConfig) -> Path | None:
     if path.suffix == ".gguf" or cfg.name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {cfg.name} does not exist")
     return None
+
+
+def _from_store(cfg: ModelConfig) -> str:
+    """A model directory on an object store (a trained arm under an s3:// run_dir), copied once to this node's
+    `cache_dir`, which transformers and vLLM read. The copy is keyed by the listing (names, sizes, times), so a
+    re-trained model at the same address is fetched again; it lands by an atomic rename, so the actors of a node
+    that race each keep a complete copy and the first finished one stays."""
+    import pyarrow.fs as pafs
+
+    fs, root = store._fs(cfg.name.rstrip("/"))
+    files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+             if f.type == pafs.FileType.File]
+    if not any(f.path.endswith("/config.json") for f in files):
+        raise ConfigError(f"model.name: {cfg.name} has no config.json (not a Hugging Face model directory)")
+    listing = "".join(sorted(f"{f.path}:{f.size}:{f.mtime_ns}" for f in files))
+    key = hashlib.sha1(f"{cfg.name}|{listing}".encode()).hexdigest()[:8]
+    target = Path(cfg.cache_dir).expanduser() / f"{root.rsplit('/', 1)[-1]}-{key}"
+    if not (target / "config.json").exists():
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}")
+        tmp.mkdir(parents=True)
+        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_code(target, cfg)
+    return str(target)
 
 
 def _check_code(path: Path, cfg: ModelConfig) -> None:
@@ -123,9 +153,18 @@ def check_template_files(cfg: ModelConfig) -> None:
         raise _no_template(cfg)
 
 
-def check_hub(cfg: ModelConfig) -> None:
-    """A name that is no local path nor alias is a hub id: it must be in the local Hugging Face cache or served
+def check_reachable(cfg: ModelConfig) -> None:
+    """An object store's model must have a config.json; a name that is no local path nor alias is a hub id: it must be in the local Hugging Face cache or served
     by the Hub, asked once on the driver (else every actor fails after a minute of download retries)."""
+    if "://" in cfg.name:  # on an object store: its config.json, without fetching the weights to the driver
+        try:
+            found = store.exists(store.join(cfg.name.rstrip("/"), "config.json"))
+        except OSError as e:
+            raise ConfigError(f"model.name: cannot read {cfg.name} ({(str(e).strip().splitlines() or [''])[0][:200]}); "
+                              "check the address, the credentials in the environment and the network") from None
+        if not found:
+            raise ConfigError(f"model.name: {cfg.name} has no config.json (not a Hugging Face model directory)")
+        return
     if cfg.name in EMBEDDED_MODELS or _local(cfg) is not None:
         return
     from huggingface_hub import model_info, try_to_load_from_cache

@@ -55,7 +55,7 @@ def _check_model(m: ModelConfig, section: str) -> None:
     """The model resolves and has a chat template (from its files where it is local: no torch import)."""
     try:
         models.check_template_files(m)
-        models.check_hub(m)
+        models.check_reachable(m)
     except ConfigError as e:
         msg = str(e)  # models' messages call the section `model.`: name the one this run configures
         raise ConfigError(f"{section}.{msg[len('model.'):]}" if msg.startswith("model.") else msg) from None

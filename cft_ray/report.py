@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 
+import pyarrow.fs as pafs
+
 from cft_ray import store
 from cft_ray.config import ConfigError
 
@@ -14,12 +16,12 @@ log = logging.getLogger("cft_ray")
 
 
 def _copy(src: str, dst: str) -> bool:
-    import fsspec
-
+    """One file, through pyarrow's filesystems like every other output (fsspec would need s3fs for s3://)."""
     if not store.exists(src):
         return False
-    with fsspec.open(src, "rb") as a, fsspec.open(dst, "wb") as b:
-        b.write(a.read())
+    (sfs, sp), (dfs, dp) = store._fs(src), store._fs(dst)
+    dfs.create_dir(dp.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(sp, dp, source_filesystem=sfs, destination_filesystem=dfs)
     return True
 
 

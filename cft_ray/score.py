@@ -326,7 +326,7 @@ def main(cfg: CftConfig) -> str:
     if n_done:
         log.info("score: resuming, %d of %d rows already scored", n_done, rows_in)
     if n_done < rows_in:
-        score(todo, cfg).write_parquet(parts, min_rows_per_file=cfg.score.rows_per_file)
+        score(todo, cfg, cfg.score.prompt).write_parquet(parts, min_rows_per_file=cfg.score.rows_per_file)
     score_s = time.time() - started
 
     # Small columns to the driver (~40 bytes a row as Arrow + categoricals): counts and diagnostics.

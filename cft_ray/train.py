@@ -285,7 +285,10 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
 
     tc = cfg.train
     started = time.time()
-    init_dir = init_from or models.resolve(cfg.student)
+    # each worker resolves the model on its own node (an object store's model is fetched there once);
+    # the driver resolves it too, for the tokenizer
+    student = cfg.student.model_copy(update={"name": init_from}) if init_from else cfg.student
+    init_dir = models.resolve(student)
     phases, datasets = phase_datasets(examples, cfg)
     tok = models.load_tokenizer(cfg.student, init_dir)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))}
@@ -294,7 +297,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     storage = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "model_dir": init_dir,
+        train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "student": student.model_dump_json(),
                            "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code,
                            "chat_template": tok.chat_template if cfg.student.chat_template else None},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -319,7 +322,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
             pafs.copy_files(src, f"{out}/{sub}", source_filesystem=ckpt.filesystem, destination_filesystem=fs)
     with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
         state = json.loads(f.read())
-    manifest = _manifest(cfg, phases, state, time.time() - started, init_dir)
+    manifest = _manifest(cfg, phases, state, time.time() - started, student.name)
     manifest["config_hash"] = layout.dir_hash(out_dir)
     store.write_json(store.join(out_dir, "train_manifest.json"), manifest)
     log.info("train: %d steps, %.0f tokens/s, MFU %s -> %s", manifest["steps"], manifest["tokens_per_s"],

@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cft_ray.config import TrainConfig
+from cft_ray import models
+from cft_ray.config import ModelConfig, TrainConfig
 from cft_ray.layout import IGNORE
 
 log = logging.getLogger("cft_ray")
@@ -251,7 +252,8 @@ def _setup(config: dict) -> Run:
     torch.manual_seed(tc.seed)
     deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")  # reuses Ray Train's group
     ds_cfg = deepspeed_config(tc, world)
-    hf_ds_config, model = _load_model(tc, ds_cfg, config["model_dir"], config["trust_remote_code"])
+    model_dir = models.resolve(ModelConfig.model_validate_json(config["student"]))  # this node's copy
+    hf_ds_config, model = _load_model(tc, ds_cfg, model_dir, config["trust_remote_code"])
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
@@ -265,7 +267,7 @@ def _setup(config: dict) -> Run:
     peak, peak_source = device_peak(tc, device)
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
              "params": n_params, "trainable_params": n_trainable, "peak_tflops": peak, "peak_source": peak_source}
-    return Run(tc=tc, phases=config["phases"], model_dir=config["model_dir"],
+    return Run(tc=tc, phases=config["phases"], model_dir=model_dir,
                trust_remote_code=config["trust_remote_code"], chat_template=config.get("chat_template"), rank=rank, world=world, device=device,
                engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),
                total_steps=total_steps, state=state, hf_ds_config=hf_ds_config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,44 @@ def items():
         for k in range(8)
     ] + [{"item_id": "ten", "question": "Pick the tenth.", "options": [f"opt{j}" for j in range(10)],
           "answer": 9, "subject": None, "category": None, "source": "test"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 endpoint on loopback with a bucket `cft`; the AWS_* variables a user would export."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="test", secret_key="test",
+                           region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("cft")
+    try:
+        yield fs
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def upload(fs, local, key: str) -> None:
+    """A local directory to `key` (bucket/prefix) on the S3 fixture."""
+    import pyarrow.fs as pafs
+
+    fs.create_dir(key, recursive=True)
+    pafs.copy_files(str(local), key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -31,3 +31,19 @@ def test_a_typo_is_rejected_by_the_same_validation():
     bad["available_node_types"]["train_gpu"]["min_worker"] = 0  # typo of min_workers
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(bad))
+
+
+def test_nodes_install_only_pinned_versions_the_suite_ran_with():
+    """cluster.yaml installs with constraints/cluster-gpu.txt (scripts/lock.sh): every requirement pinned, the
+    framework versions equal to the ones this test suite imports, and vLLM at the version ray[llm] pins."""
+    from importlib.metadata import distribution, version
+
+    setup = " ".join(_cluster()["setup_commands"])
+    assert "-c constraints/cluster-gpu.txt" in setup and "pip install" in setup
+    lines = [ln.strip() for ln in (ROOT / "constraints" / "cluster-gpu.txt").read_text().splitlines()]
+    pins = dict(ln.split("==", 1) for ln in lines if ln and not ln.startswith("#"))
+    assert len(pins) == len([ln for ln in lines if ln and not ln.startswith("#")]) > 100, "every line a name==version pin"
+    for pkg in ("ray", "transformers", "deepspeed", "peft", "accelerate", "pyarrow", "pydantic", "datasets", "s3fs"):
+        assert pins[pkg] == version(pkg) if pkg != "s3fs" else pkg in pins, pkg
+    ray_llm = [r for r in distribution("ray").requires if r.startswith("vllm") and 'extra == "llm"' in r]
+    assert ray_llm and f"=={pins['vllm']};" in ray_llm[0].replace(" ", ""), (ray_llm, pins["vllm"])

@@ -374,10 +374,12 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
                            for h in hist]}
 
 
-def train_from_rows(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None) -> str:
+def train_from_rows(rows, cot, cfg: CftConfig, out: str, stage: str = "train", routed: dict | None = None,
+                    upstream_counts: dict | None = None, extra: list[tuple[str, object]] = ()) -> str:
     """Routed rows (+ CoT) -> examples/ (tokenised once, so a re-run after a crash goes straight to
     training) -> Ray Train -> `out` finished with its manifest; a finished `out` is returned as is.
-    `routed` = rows per treatment when the caller knows them (else one pass over `rows` counts them)."""
+    `routed` = rows per treatment when the caller knows them (else one pass over `rows` counts them);
+    `upstream_counts` and `extra` go into the manifest written with `_SUCCESS` (the caller's own counts)."""
     if store.is_done(out):
         return out
     started = time.time()
@@ -400,11 +402,11 @@ def train_from_rows(rows, cot, cfg: CftConfig, out: str, stage: str = "train", r
     n_trunc = int(pc.sum(small["truncated"]).as_py() or 0)
     model_dir = train(ray.data.read_parquet(ex_dir), cfg, out)
     tm = store.read_json(store.join(out, "train_manifest.json"))
-    counts = {"rows_in": n_in, "routed_drop": n_drop, "examples": n_rows, "rows_out": n_rows - n_err, "errors": n_err,
-              "error_reasons": reasons, "truncated": n_trunc}
+    counts = {**(upstream_counts or {}), "rows_in": n_in, "routed_drop": n_drop, "examples": n_rows,
+              "rows_out": n_rows - n_err, "errors": n_err, "error_reasons": reasons, "truncated": n_trunc}
     if n_in != n_drop + n_rows:
         raise RuntimeError(f"train example counts do not reconcile: {counts}")
     store.finish(out, store.stage_manifest(stage, layout.dir_hash(out), started, counts, [
         ("model_dir", model_dir), ("tokens_per_s", tm["tokens_per_s"]), ("mfu", tm["mfu"]), ("steps", tm["steps"]),
-        ("data_spent_target_tokens", tm["data_spent_target_tokens"]), ("train_manifest", "train_manifest.json")]))
+        ("data_spent_target_tokens", tm["data_spent_target_tokens"]), ("train_manifest", "train_manifest.json"), *extra]))
     return out

@@ -75,9 +75,6 @@ def main(cfg: CftConfig) -> str:
     wcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "schedule": "merged", "epochs": w.epochs, "lr": w.lr or cfg.train.lr, "method": w.method})})
     log.info("warmup: %d items from %s (%d shared with the run's items, left out)", n_rows, w.source, n_in - n_rows)
-    train_from_rows(rows, None, wcfg, out, stage="warmup", routed={"direct": n_rows})
-    m = store.read_json(store.join(out, "manifest.json"))
-    m["counts"].update(warmup_items=n_in, shared_with_run=n_in - n_rows)
-    m["source"], m["started_at"] = w.source, started
-    store.write_json(store.join(out, "manifest.json"), m)
-    return out
+    return train_from_rows(rows, None, wcfg, out, stage="warmup", routed={"direct": n_rows},
+                           upstream_counts={"warmup_items": n_in, "shared_with_run": n_in - n_rows},
+                           extra=[("source", w.source), ("warmup_started_at", started)])

@@ -23,11 +23,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cft_ray import data, pipeline, preflight, report, store, warmup
-from cft_ray.config import EMBEDDED_CONFIG, ConfigError, load_config
+from cft_ray.config import EMBEDDED_CONFIG, ConfigError, error_line, load_config
 from cft_ray.pipeline import STAGES
 from cft_ray.runtime import init_ray, joins_cluster
-
-log = logging.getLogger("cft_ray")
 
 ALIASES = {"arms": ["evaluate"]}  # `cft-ray evaluate` (and jobs/evaluate.py) predate the arms module
 COMMANDS = {**{n: s.doc for n, s in STAGES.items()}, "run": "the whole pipeline, skipping finished stages"}
@@ -140,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = Path(tempfile.gettempdir()) / "cft-ray" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.cmd}.log"
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_text(traceback.format_exc())
-        first = (str(root).strip().splitlines() or [""])[0][:300]
-        print(f"cft-ray: {args.cmd} failed: {type(root).__name__}: {first} (traceback: {kept}; --debug prints it)",
+        print(f"cft-ray: {args.cmd} failed: {type(root).__name__}: {error_line(root, 300)} (traceback: {kept}; --debug prints it)",
               file=sys.stderr)
         return 1
     if args.cmd == "data" and args.data_cmd == "inspect":

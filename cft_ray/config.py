@@ -14,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line, shortened: what a one-line message quotes of a library's error."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending field."""
 

@@ -6,6 +6,7 @@ Weights load from safetensors only: a checkpoint that ships only pickles is refu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -14,8 +15,10 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from cft_ray import store
-from cft_ray.config import ConfigError, ModelConfig, auto_dtype
+from cft_ray.config import ConfigError, ModelConfig, auto_dtype, error_line
 from cft_ray.data import package_file
 from cft_ray.prompts import chat_template
 
@@ -59,8 +62,6 @@ def _from_store(cfg: ModelConfig) -> str:
     `cache_dir`, which transformers and vLLM read. The copy is keyed by the listing (names, sizes, times), so a
     re-trained model at the same address is fetched again; it lands by an atomic rename, so the actors of a node
     that race each keep a complete copy and the first finished one stays."""
-    import pyarrow.fs as pafs
-
     fs, root = store._fs(cfg.name.rstrip("/"))
     files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
              if f.type == pafs.FileType.File]
@@ -70,13 +71,8 @@ def _from_store(cfg: ModelConfig) -> str:
     key = hashlib.sha1(f"{cfg.name}|{listing}".encode()).hexdigest()[:8]
     target = Path(cfg.cache_dir).expanduser() / f"{root.rsplit('/', 1)[-1]}-{key}"
     if not (target / "config.json").exists():
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}")
-        tmp.mkdir(parents=True)
-        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _publishing(target) as tmp:
+            pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     _check_code(target, cfg)
     return str(target)
 
@@ -109,14 +105,23 @@ def _from_gguf(gguf: Path, cfg: ModelConfig) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    with _publishing(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _publishing(target: Path):
+    """A private directory to fill, then renamed to `target` at once: an actor of the same node that won the
+    race keeps its copy in place, and nobody ever reads a half-written one."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    try:  # atomic publish; a concurrent actor that won the race leaves its copy in place
+    tmp.mkdir(parents=True)
+    yield tmp
+    try:
         os.rename(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
 
 
 def device_of(cfg: ModelConfig) -> str:
@@ -154,13 +159,14 @@ def check_template_files(cfg: ModelConfig) -> None:
 
 
 def check_reachable(cfg: ModelConfig) -> None:
-    """An object store's model must have a config.json; a name that is no local path nor alias is a hub id: it must be in the local Hugging Face cache or served
-    by the Hub, asked once on the driver (else every actor fails after a minute of download retries)."""
+    """Driver check: an object store's model has a config.json; a name that is no local path nor alias is a hub
+    id in the local Hugging Face cache or served by the Hub, asked once here (else every actor fails after a
+    minute of download retries)."""
     if "://" in cfg.name:  # on an object store: its config.json, without fetching the weights to the driver
         try:
             found = store.exists(store.join(cfg.name.rstrip("/"), "config.json"))
         except OSError as e:
-            raise ConfigError(f"model.name: cannot read {cfg.name} ({(str(e).strip().splitlines() or [''])[0][:200]}); "
+            raise ConfigError(f"model.name: cannot read {cfg.name} ({error_line(e)}); "
                               "check the address, the credentials in the environment and the network") from None
         if not found:
             raise ConfigError(f"model.name: {cfg.name} has no config.json (not a Hugging Face model directory)")
@@ -174,9 +180,8 @@ def check_reachable(cfg: ModelConfig) -> None:
     try:
         model_info(cfg.name, revision=cfg.revision, timeout=10)
     except Exception as e:  # noqa: BLE001 - offline, missing, gated or private: one answer for the user
-        why = (str(e).strip().splitlines() or [""])[0][:160]
         raise ConfigError(f"model.name: {cfg.name!r} is not a local directory, a .gguf file or an embedded alias "
-                          f"({', '.join(EMBEDDED_MODELS)}), and the Hub does not serve it ({type(e).__name__}: {why}); "
+                          f"({', '.join(EMBEDDED_MODELS)}), and the Hub does not serve it ({type(e).__name__}: {error_line(e, 160)}); "
                           "fix the name, copy the model to disk every node reads, or set HF_TOKEN for a gated repo") from None
 
 

@@ -156,20 +156,20 @@ def check_resources(cfg: CftConfig, stages: list[str], may_grow: bool) -> list[s
 
     types = _node_types() if may_grow else []
     wait_s = cfg.ray.resource_wait_minutes * 60 if may_grow else 0
+    wanted = asks(cfg, stages)
     started = time.time()
     while True:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        short = [(a, why) for a in asks(cfg, stages) if (why := _shortfall(a, nodes))]
+        short = [(a, why) for a in wanted if (why := _shortfall(a, nodes))]
         if not short:
-            return [f"{a.field}: {a.count} x {_fmt(a.bundles)} fits ({_holds(nodes, a.bundles[0])} at once)"
-                    for a in asks(cfg, stages)]
+            return [f"{a.field}: {a.count} x {_fmt(a.bundles)} fits ({_holds(nodes, a.bundles[0])} at once)" for a in wanted]
         a, why = short[0]
         waited = time.time() - started
-        never = types is not None and not any(_may_hold(t, a.bundles[0]) for t in types)
-        if not may_grow or waited >= wait_s or never:
-            raise ConfigError(why + ("; no node type of the autoscaler's config offers it either" if never and may_grow else
-                                     f" (waited {waited / 60:.0f} of ray.resource_wait_minutes={cfg.ray.resource_wait_minutes:g})"
-                                     if wait_s else ""))
+        if may_grow and types is not None and not any(_may_hold(t, a.bundles[0]) for t in types):
+            raise ConfigError(f"{why}; no node type of the autoscaler's config offers it either")
+        if waited >= wait_s:
+            raise ConfigError(why + (f" (waited {waited / 60:.0f} of ray.resource_wait_minutes="
+                                     f"{cfg.ray.resource_wait_minutes:g})" if wait_s else ""))
         log.info("waiting for %d x %s for %s: %.0f of %g min", a.count, _fmt(a.bundles), a.field, waited / 60,
                  cfg.ray.resource_wait_minutes)
         time.sleep(min(15, max(0.5, wait_s - waited)))

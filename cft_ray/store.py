@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cft_ray.config import ConfigError
+from cft_ray.config import ConfigError, error_line
 
 log = logging.getLogger("cft_ray")
 SUCCESS = "_SUCCESS"
@@ -44,8 +44,7 @@ def check_writable(path: str) -> None:
             f.write(b"ok")
         fs.delete_file(probe)
     except (OSError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"run_dir: cannot write {path} ({why}); check the path or bucket name, the credentials in the "
+        raise ConfigError(f"run_dir: cannot write {path} ({error_line(e)}); check the path or bucket name, the credentials in the "
                           "environment (AWS_* for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://) and the network") from None
 
 

@@ -33,6 +33,16 @@ from cft_ray.train import train_from_rows
 
 log = logging.getLogger("cft_ray")
 
+DESCRIPTIONS = {  # what each arm trains on, for people (model cards)
+    "sft": "direct answers on every training item",
+    "distill": "the teacher's verified chain-of-thought on every training item",
+    "caft": "direct answers on the items the student found easy or medium, the teacher's verified chain-of-thought "
+            "on the items it found hard (by its own uncertainty score)",
+    "curriculum": "direct answers on every training item, easy before medium before hard",
+    "random_routing": "chain-of-thought on a random subset of the size of caft's hard set, direct answers elsewhere",
+    "instructdiff": "the InstructDiff differential-entropy selection of the training items",
+    "random_select": "a random subset of the size of the InstructDiff selection",
+}
 RECIPES = {  # arm -> train.schedule
     "sft": "merged", "distill": "merged", "caft": None, "curriculum": "curriculum",
     "random_routing": None, "instructdiff": "merged", "random_select": "merged",

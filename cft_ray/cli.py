@@ -1,5 +1,6 @@
 """`cft-ray <stage> --config X.yaml [key.sub=value ...]`: every subcommand is a stage of the registry
-(cft_ray.pipeline.STAGES), plus `run` (the chain), `data inspect` and `report <run dir>`.
+(cft_ray.pipeline.STAGES), plus `run` (the chain), `data inspect`, `report <run dir>` and
+`export <run dir> --arm A <out>`.
 
 This file only parses arguments, checks on the driver what can fail there, starts or joins Ray, and
 prints where the output is. No module of the package imports torch, scipy, transformers or Ray at
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cft_ray import data, pipeline, preflight, report, store, warmup
+from cft_ray import data, export, pipeline, preflight, report, store, warmup
 from cft_ray.config import EMBEDDED_CONFIG, ConfigError, error_line, load_config
 from cft_ray.pipeline import STAGES
 from cft_ray.runtime import init_ray, joins_cluster
@@ -67,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
                             "the plan and what would be skipped")
     rep = sub.add_parser("report", help="(re)write the human report of a run directory", parents=[common])
     rep.add_argument("run_dir")
+    exp = sub.add_parser("export", help="a trained arm as a publishable folder: model, adapter, model card, CoT data set",
+                         parents=[common])
+    exp.add_argument("run_dir")
+    exp.add_argument("out", help="the folder to write (local, or s3:// / gs:// without --push-to-hub)")
+    exp.add_argument("--arm", required=True, help="the arm to export (a trained one: sft, caft, distill, ...)")
+    exp.add_argument("--push-to-hub", metavar="REPO", help="upload the model folder to this Hub model repo (token: HF_TOKEN)")
+    exp.add_argument("--dataset-repo", metavar="REPO", help="upload the CoT data set to this Hub dataset repo")
+    exp.add_argument("--private", action="store_true", help="create the Hub repos private")
     return ap
 
 
@@ -92,6 +101,8 @@ def _command(args) -> str:
         return _inspect(args)
     if args.cmd == "report":
         return report.main_dir(args.run_dir)
+    if args.cmd == "export":
+        return export.main(args.run_dir, args.arm, args.out, args.push_to_hub, args.dataset_repo, args.private)
     cfg = load_config(args.config, args.overrides)
     stage = "arms" if args.cmd in ALIASES["arms"] else args.cmd
     only, from_stage = (args.only, args.from_stage) if args.cmd == "run" else (None, None)

@@ -204,11 +204,12 @@ class TeachConfig(_Base):
     constrain_max_chars: int | None = Field(None, ge=1, description="Text allowed before the forced [[k]] under constrain_format; None = max_tokens - 8, which guarantees the marker fits (a token is >= 1 char). Larger = more room to reason, but token-dense text (digits, math) then truncates.")
     concurrency: int = Field(8, ge=1, description="Requests in flight per openai actor: more = faster until the endpoint rate-limits.")
     timeout_s: float = Field(120, gt=0, description="Per-request timeout of the openai backend.")
-    max_retries: int = Field(5, ge=0, description="Retries with backoff on 429/5xx/timeouts before a row becomes a failure.")
+    max_retries: int = Field(5, ge=0, description="openai backend: retries (the openai client's jittered backoff, Retry-After honoured) on connection errors, timeouts, 408/409/429/5xx and malformed replies before a row becomes a failure.")
+    rpm: int | None = Field(None, ge=1, description="openai backend: requests per minute across every teacher actor of the run (the endpoint's limit for your key); None = no limit.")
+    tpm: int | None = Field(None, ge=1, description="openai backend: tokens (prompt + completion, estimated at 4 characters a token before the reply, corrected after) per minute across every teacher actor; None = no limit.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine, within one node).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (max_model_len, gpu_memory_utilization, enforce_eager, ...).")
     pool: ActorPool = Field(default_factory=lambda: ActorPool(batch_size=16), description="Teacher actors (engines).")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay of the openai backend (doubles per retry, jittered, capped at 60 s): longer is gentler on a rate-limited endpoint.")
     accelerator_type: str | None = Field(None, description="vllm: GPU type the engines must run on (e.g. 'A100'); None = any.")
     cpu_kv_cache_gb: int = Field(2, ge=1, description="vllm on a CPU pool (pool.num_gpus=0): KV cache GiB per engine (VLLM_CPU_KVCACHE_SPACE): more = more sequences in flight, more RAM.")
     hf_micro_batch: int = Field(8, ge=1, description="hf: sequences per generate call inside an actor batch: larger = faster until memory runs out.")
@@ -254,8 +255,6 @@ class TrainConfig(_Base):
     checkpoint_every_minutes: float = Field(30, gt=0, description="Also checkpoint after this many minutes.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
     seed: int = Field(0, description="Seed of shuffling and init.")
-    tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Send metrics to MLflow or W&B through Ray Train's integrations.")
-    tracking_project: str = Field("cft-ray", description="MLflow experiment / W&B project name (endpoints and keys come from their usual env vars).")
     truncation: Literal["keep_end", "keep_start", "drop"] = Field("keep_end", description="Rows over max_length: keep the end (cuts the prompt's start, keeps [[k]]), keep the start (cuts the target's end), or make them error rows.")
     peak_tflops: float | None = Field(None, gt=0, description="Peak dense TFLOP/s of one worker's device in the training precision, for the MFU; None = known GPUs from a table (H100 bf16 989, A100 312), CPUs by a short matmul probe.")
     log_every_steps: int = Field(10, ge=1, description="Log loss/throughput every N optimizer steps (the manifest keeps every step).")
@@ -347,6 +346,12 @@ class WarmupConfig(_Base):
     method: Literal["lora", "full"] = Field("full", description="full (FEASIBILITY.md's warm-up) or lora.")
 
 
+class TrackingConfig(_Base):
+    backend: Literal["none", "mlflow"] = Field("none", description="Experiment tracking: mlflow logs one parent run per pipeline run and one child run per arm (needs the `tracking` extra: mlflow-skinny).")
+    uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, databricks, ...); None = MLFLOW_TRACKING_URI from the environment, else an embedded store in <run_dir>/mlruns (local run dirs only).")
+    experiment: str = Field("cft-ray", description="MLflow experiment the runs go into (created if missing).")
+
+
 class CftConfig(_Base):
     run_dir: str = Field("runs/default", description="Where every stage writes (local path or s3://...); one directory per run, never a system, home or parent directory.")
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -362,6 +367,7 @@ class CftConfig(_Base):
     selection: Literal["entropy", "instructdiff"] = Field("entropy", description="How training data is chosen: entropy routing (the split's buckets; caft) or also the InstructDiff select stage, which the instructdiff/random_select arms train on (costs a warm-up training run and two scoring passes).")
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     arms: list[Literal[ARMS]] = Field(default_factory=lambda: ["base", "caft"], description="Experiment arms to train and evaluate; each costs a training run.")  # type: ignore[valid-type]
 
     @field_validator("run_dir")

@@ -16,19 +16,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from cft_ray import models
-from cft_ray.config import ActorPool, ConfigError, ModelConfig
+from cft_ray.config import ActorPool, ConfigError, ModelConfig, error_line
 from cft_ray.layout import SAMPLE_SCHEMA
 from cft_ray.prompts import labels, messages, parse_marker, prompt_ids
-
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -58,7 +55,8 @@ class GenerationSpec:
     concurrency: int = 8
     timeout_s: float = 120
     max_retries: int = 5
-    backoff_s: float = 1.0
+    rpm: int | None = None           # requests / tokens per minute across every actor (RateLimiter)
+    tpm: int | None = None
 
 
 def answer_grammar(n: int, scheme: str = "numbers", max_chars: int = 3072) -> str:
@@ -194,70 +192,97 @@ class HFGenerator:
             out[i]["finish_reason"] = "forced"
 
 
-class OpenAIGenerator:
-    """Chat completions against an OpenAI-compatible endpoint, `teach.concurrency` requests in flight.
-    429/5xx/timeouts/garbage bodies are retried with jittered exponential backoff; after
-    `teach.max_retries` the row gets an `error` (a failure row, never a hang or a lost row)."""
+class RateLimiter:
+    """Requests- and tokens-per-minute budgets shared by every actor calling one endpoint (endpoints enforce both, per
+    key, not per client). A request reserves one request and its token estimate (prompt + max_tokens) and is told how
+    long to wait; the tokens it did not use come back with its reply. Each budget is a token bucket refilled at the
+    per-minute rate with one second's worth of burst. Runs as one Ray actor (num_cpus=0), created by the driver."""
 
-    def __init__(self, spec: GenerationSpec, api_key: str | None = None):
+    def __init__(self, rpm: int | None, tpm: int | None):
+        now = time.monotonic()
+        # [rate per second, capacity, level, last refill] per budget; the level may go negative (a queue)
+        self.buckets = {name: [r / 60, max(r / 60, 1.0), max(r / 60, 1.0), now]
+                        for name, r in (("requests", rpm), ("tokens", tpm)) if r}
+
+    def _refill(self, b: list, now: float) -> None:
+        b[2], b[3] = min(b[1], b[2] + (now - b[3]) * b[0]), now
+
+    def reserve(self, tokens: int) -> float:
+        """Seconds the caller must wait before sending a request of `tokens` estimated tokens."""
+        now, wait = time.monotonic(), 0.0
+        for name, b in self.buckets.items():
+            self._refill(b, now)
+            b[2] -= 1 if name == "requests" else tokens
+            wait = max(wait, -b[2] / b[0])
+        return wait
+
+    def refund(self, tokens: int) -> None:
+        if "tokens" in self.buckets and tokens > 0:
+            b = self.buckets["tokens"]
+            self._refill(b, time.monotonic())
+            b[2] = min(b[1], b[2] + tokens)
+
+
+class OpenAIGenerator:
+    """Chat completions against an OpenAI-compatible endpoint through `openai.AsyncOpenAI`, `teach.concurrency`
+    requests in flight per actor: the client retries connection errors, timeouts, 408/409/429/5xx with its jittered
+    backoff (honouring Retry-After) up to `teach.max_retries`; a malformed reply is asked again as often. After that the
+    row gets an `error` (a failure row, never a hang or a lost row). With `teach.rpm` / `teach.tpm` every request first
+    takes its share of the budgets from the run's RateLimiter."""
+
+    def __init__(self, spec: GenerationSpec, api_key: str | None = None, limiter=None):
         if not spec.base_url:
             raise ConfigError("teach.base_url: the openai backend needs an endpoint, e.g. http://host:8000/v1")
-        self.spec, self.kind = spec, spec.prompt
+        self.spec, self.kind, self.limiter = spec, spec.prompt, limiter
         self.model = spec.api_model or spec.model.name
-        key = api_key or os.environ.get(spec.api_key_env)
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # an endpoint without auth (a local `vllm serve`) ignores the placeholder; the client requires some key
+        self.api_key = api_key or os.environ.get(spec.api_key_env) or "no-key"
 
     def __call__(self, t: pa.Table) -> pa.Table:
         return _out(t, asyncio.run(self._all(_rows(t))))
 
     async def _all(self, rows):
-        import httpx
+        from openai import AsyncOpenAI
 
         sem = asyncio.Semaphore(self.spec.concurrency)
-        limits = httpx.Limits(max_connections=self.spec.concurrency)
-        async with httpx.AsyncClient(base_url=self.spec.base_url.rstrip("/"), headers=self.headers,
-                                     timeout=self.spec.timeout_s, limits=limits) as client:
+        async with AsyncOpenAI(base_url=self.spec.base_url, api_key=self.api_key, timeout=self.spec.timeout_s,
+                               max_retries=self.spec.max_retries) as client:
             return await asyncio.gather(*(self._one(client, sem, r) for r in rows))
 
     async def _one(self, client, sem, row) -> dict:
-        import httpx
+        import openai
 
-        spec, scheme = self.spec, self.spec.labels
-        body = {"model": self.model, "messages": messages(self.kind, row, scheme, preset=spec.preset), "temperature": spec.temperature,
-                "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": _row_seed(spec.seed, row["item_id"], row["sample_idx"])}
-        if spec.constrain_format:  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
-            body["structured_outputs"] = {"grammar": answer_grammar(len(row["options"]), scheme, text_budget(spec))}
-        err, wait = "no attempt", 0.0
-        for attempt in range(spec.max_retries + 1):
-            if attempt:  # jittered exponential backoff, or the server's Retry-After when longer
-                await asyncio.sleep(max(wait, min(spec.backoff_s * 2 ** (attempt - 1), 60.0) * (0.5 + random.random())))
-            wait = 0.0
+        spec = self.spec
+        msgs = messages(self.kind, row, spec.labels, preset=spec.preset)
+        extra = {"structured_outputs": {"grammar": answer_grammar(len(row["options"]), spec.labels, text_budget(spec))}} \
+            if spec.constrain_format else None  # vLLM's OpenAI server extension; hosted APIs reject or ignore it
+        estimate = sum(len(m["content"]) for m in msgs) // 4 + spec.max_tokens  # ~4 characters a token
+        err = "no attempt"
+        for _ in range(spec.max_retries + 1):
             async with sem:
-                try:  # wait_for bounds the whole request: a server that trickles bytes cannot hang us
-                    r = await asyncio.wait_for(client.post("/chat/completions", json=body), spec.timeout_s)
-                except (httpx.HTTPError, asyncio.TimeoutError) as e:
-                    err = f"{type(e).__name__}: {e}"[:300]
-                    continue
-            if r.status_code == 200:
+                if self.limiter is not None:
+                    await asyncio.sleep(await self.limiter.reserve.remote(estimate))
                 try:
-                    data = r.json()
-                    choice = data["choices"][0]
-                    text = choice["message"]["content"]
-                    if not isinstance(text, str):
-                        raise TypeError("content is not a string")
-                    usage = data.get("usage") or {}
-                    return {"text": text, "finish_reason": choice.get("finish_reason"),
-                            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")}
-                except (ValueError, KeyError, IndexError, TypeError) as e:
-                    err = f"malformed response: {type(e).__name__}: {e}"[:300]
-                    continue
-            err = f"HTTP {r.status_code}: {r.text[:200]}"
-            if r.status_code not in _RETRY_STATUS:
-                break  # 400/401/404...: asking again cannot help
+                    r = await client.chat.completions.create(
+                        model=self.model, messages=msgs, temperature=spec.temperature, top_p=spec.top_p,
+                        max_tokens=spec.max_tokens, seed=_row_seed(spec.seed, row["item_id"], row["sample_idx"]),
+                        extra_body=extra)
+                except openai.APIStatusError as e:  # retried by the client already, or not retryable (4xx)
+                    return {"error": f"engine error: HTTP {e.status_code}: {error_line(e)}", "finish_reason": "error"}
+                except openai.APIError as e:  # connection refused, timeouts: retried by the client already
+                    return {"error": f"engine error: {type(e).__name__}: {error_line(e)}", "finish_reason": "error"}
             try:
-                wait = min(float(r.headers.get("retry-after", 0)), 60.0)
-            except ValueError:
-                wait = 0.0
+                choice, usage = r.choices[0], r.usage
+                if not isinstance(choice.message.content, str):
+                    raise TypeError("content is not a string")
+            except (AttributeError, IndexError, TypeError) as e:  # a 200 whose body is not a chat completion
+                err = f"malformed response: {type(e).__name__}: {e}"[:300]
+                continue
+            if self.limiter is not None and usage is not None:
+                self.limiter.refund.remote(estimate - usage.prompt_tokens - usage.completion_tokens)
+            return {"text": choice.message.content, "finish_reason": choice.finish_reason,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None}
         return {"error": f"engine error: {err}", "finish_reason": "error"}
 
 
@@ -358,6 +383,15 @@ def from_rationale(t: pa.Table, model_json: str) -> pa.Table:
                     for x, k in zip(texts, n_out)])
 
 
+def _limiter(spec: GenerationSpec):
+    """The endpoint's shared RateLimiter actor, owned by the driver (it lives as long as the run), or None."""
+    import ray
+
+    if not (spec.rpm or spec.tpm):
+        return None
+    return ray.remote(num_cpus=0)(RateLimiter).remote(spec.rpm, spec.tpm)
+
+
 def generate(ds, spec: GenerationSpec, sample_idx: int = 0):
     """One attempt for every row of `ds` (items: item_id, question, options, answer, subject; rationale for
     backend=rationale): a lazy Dataset of SAMPLE_SCHEMA rows. Streaming; nothing is materialised."""
@@ -375,7 +409,7 @@ def generate(ds, spec: GenerationSpec, sample_idx: int = 0):
         # The driver's key travels as a constructor argument (never in logs or runtime_env, which the
         # dashboard shows); workers already started on a cluster may not have the driver's env.
         cls, kwargs = (HFGenerator, {}) if spec.backend == "hf" else \
-            (OpenAIGenerator, {"api_key": os.environ.get(spec.api_key_env)})
+            (OpenAIGenerator, {"api_key": os.environ.get(spec.api_key_env), "limiter": _limiter(spec)})
         out = ds.map_batches(cls, fn_constructor_kwargs={"spec": spec, **kwargs}, batch_size=spec.pool.batch_size,
                              batch_format="pyarrow", **spec.pool.map_args())
     return out.map_batches(_judge, batch_format="pyarrow", fn_kwargs={"scheme": spec.labels},

@@ -46,6 +46,7 @@ STAGE_INPUTS = {
 def stage_dir(cfg: CftConfig, stage: str) -> str:
     """`<run_dir>/<stage>-<hash of the sections that decide it>`."""
     dump = cfg.model_dump(mode="json")
+    dump["teach"] = {k: v for k, v in dump["teach"].items() if k not in THROTTLE}
     picked = {k: _drop_perf(dump[k]) for k in STAGE_INPUTS[stage]}
     return f"{cfg.run_dir.rstrip('/')}/{stage}-{config_hash(picked)}"
 
@@ -55,6 +56,7 @@ def dir_hash(out: str) -> str:
     return out.rstrip("/").rsplit("-", 1)[-1]
 
 
+THROTTLE = ("concurrency", "timeout_s", "rpm", "tpm")  # how fast an endpoint is asked, not what it answers
 PLACEMENT = ("size", "num_cpus", "num_gpus", "resources", "max_restarts", "threads")  # an actor pool's
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
-from cft_ray import arms, data, layout, plan, report, score, select, split, store, warmup
+from cft_ray import arms, data, layout, plan, report, score, select, split, store, tracking, warmup
 from cft_ray.config import CftConfig, ConfigError, config_hash
 
 log = logging.getLogger("cft_ray")
@@ -137,6 +137,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
             plan.main(cfg)  # the cost plan, before the expensive stages; the report compares
         if action.startswith("skip"):
             run["stages"].setdefault(s, {})["skipped"] = action
+            tracking.log_run(cfg, run)
             store.write_json(manifest_path, run)
             continue
         if action == "re-run":
@@ -145,6 +146,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
         log.info("stage %s: %s", s, action)
         out = STAGES[s].run(warmup.stage_config(cfg, s))
         run["stages"][s] = {"output": out, "wall_s": round(time.time() - t0, 2), "skipped": None}
+        tracking.log_run(cfg, run)
         store.write_json(manifest_path, run)  # after every stage: a killed run still shows its lineage
     run["wall_s"] = round(time.time() - started, 2)
     store.write_json(manifest_path, run)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from cft_ray import arms, data, evaluate, generate, models, score, store, teach
+from cft_ray import arms, data, evaluate, generate, models, score, store, teach, tracking
 from cft_ray.config import CftConfig, ConfigError, ModelConfig
 from cft_ray.prompts import messages, prompt_ids
 
@@ -44,6 +44,8 @@ def check_config(cfg: CftConfig, stages: list[str]) -> None:
         if used:
             _check_model(m, section)
     store.check_writable(cfg.run_dir)
+    if cfg.tracking.backend != "none":
+        tracking.check(cfg)
     _check_lengths(cfg, stages)
 
 

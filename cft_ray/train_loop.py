@@ -198,7 +198,6 @@ class Run:
     # HfDeepSpeedConfig (ZeRO-3 only): transformers holds it by weak reference, so it must stay
     # referenced for the whole run for its ZeRO-3 checks to see it
     hf_ds_config: Any = None
-    tracker: Callable | None = None
     last_ckpt: float = 0.0  # time of the last checkpoint (rank 0's clock decides when one is due)
 
     @property
@@ -214,8 +213,6 @@ def train_loop(config: dict) -> None:
     _resume(run)
     if run.state["done"]:
         return  # the export was reported before a late failure: nothing left to do
-    if run.rank == 0 and run.tc.tracking != "none":
-        run.tracker = _tracker(run.tc, config)
     run.last_ckpt = time.time()  # the checkpoint timer starts with the loop
     run.engine.train()
     offset = 0
@@ -397,8 +394,6 @@ def _log_step(run: Run, phase: str, epoch: int) -> None:
     h = run.state["history"][-1]
     log.info("train: step %d/%d phase %s epoch %d loss %.4f lr %.3g %.0f tok/s", h["step"], run.total_steps,
              phase, epoch, h["loss"], h["lr"], h["tokens"] / h["time_s"])
-    if run.tracker:
-        run.tracker({"loss": h["loss"], "lr": h["lr"], "tokens_per_s": h["tokens"] / h["time_s"]}, h["step"])
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
@@ -490,15 +485,3 @@ def _export(engine, tc, model_dir: str, out: str, rank: int, trust_remote_code: 
     if chat_template:  # the configured template travels with the trained model
         tok.chat_template = chat_template
     tok.save_pretrained(os.path.join(out, "model"))
-
-
-def _tracker(tc, config: dict):
-    """rank-0 metric logger through Ray Train's MLflow / W&B integrations (endpoints and keys from env)."""
-    run_cfg = {k: v for k, v in config["train"].items() if not isinstance(v, (dict, list))}
-    if tc.tracking == "mlflow":
-        from ray.air.integrations.mlflow import setup_mlflow
-        mlflow = setup_mlflow(run_cfg, experiment_name=tc.tracking_project, rank_zero_only=True)
-        return lambda metrics, step: mlflow.log_metrics(metrics, step=step)
-    from ray.air.integrations.wandb import setup_wandb
-    run = setup_wandb(run_cfg, project=tc.tracking_project, rank_zero_only=True)
-    return lambda metrics, step: run.log(metrics, step=step)

@@ -72,6 +72,9 @@ def main(cfg: CftConfig) -> str:
     n_in = warm.count()
     rows = warm.map_batches(_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"exclude": run_ids}).materialize()
     n_rows = rows.count()
+    if n_rows == 0:  # e.g. the run's own source with the same seed: its sample is the run's items
+        raise ConfigError(f"warmup.source: all {n_in} warm-up items from {w.source} are also items of the run (same question "
+                          "and options), so nothing is left to warm up on; give items of their own (another source or file)")
     wcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "schedule": "merged", "epochs": w.epochs, "lr": w.lr or cfg.train.lr, "method": w.method})})
     log.info("warmup: %d items from %s (%d shared with the run's items, left out)", n_rows, w.source, n_in - n_rows)

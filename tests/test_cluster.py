@@ -43,7 +43,7 @@ def test_nodes_install_only_pinned_versions_the_suite_ran_with():
     lines = [ln.strip() for ln in (ROOT / "constraints" / "cluster-gpu.txt").read_text().splitlines()]
     pins = dict(ln.split("==", 1) for ln in lines if ln and not ln.startswith("#"))
     assert len(pins) == len([ln for ln in lines if ln and not ln.startswith("#")]) > 100, "every line a name==version pin"
-    for pkg in ("ray", "transformers", "deepspeed", "peft", "accelerate", "pyarrow", "pydantic", "datasets", "s3fs"):
+    for pkg in ("ray", "transformers", "deepspeed", "peft", "accelerate", "pyarrow", "pydantic", "datasets", "s3fs", "mlflow-skinny"):
         assert pins[pkg] == version(pkg) if pkg != "s3fs" else pkg in pins, pkg
     ray_llm = [r for r in distribution("ray").requires if r.startswith("vllm") and 'extra == "llm"' in r]
     assert ray_llm and f"=={pins['vllm']};" in ray_llm[0].replace(" ", ""), (ray_llm, pins["vllm"])

@@ -88,6 +88,10 @@ def test_batching_is_part_of_the_score_and_select_dirs():
         assert stage_dir(a, stage) != stage_dir(load_config(None, [ov]), stage), ov
     for ov in ("score.pool.size=[1,4]", "score.pool.num_cpus=2", "score.pool.threads=1", "score.pool.max_restarts=0"):
         assert stage_dir(a, "score") == stage_dir(load_config(None, [ov]), "score"), ov
+    # how fast an endpoint is asked is not what it answers: the teach stage stays where it is
+    for ov in ("teach.concurrency=32", "teach.timeout_s=5", "teach.rpm=500", "teach.tpm=90000"):
+        assert stage_dir(a, "teach") == stage_dir(load_config(None, [ov]), "teach"), ov
+    assert stage_dir(a, "teach") != stage_dir(load_config(None, ["teach.max_tokens=64"]), "teach")
 
 
 def test_overriding_one_pool_field_keeps_the_sections_defaults():

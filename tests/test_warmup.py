@@ -53,6 +53,16 @@ def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local
     assert warmup.main(cfg) == out  # finished: skipped
 
 
+def test_warm_up_items_that_are_all_run_items_fail_in_one_line(ray_local, tiny_model_dir, tmp_path):
+    """The run's own source as warm-up source (same seed, same sample): nothing left, said before any training."""
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _items("r", 6)))
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={tiny_model_dir}",
+                             f"warmup.source={tmp_path}/run.jsonl", "score.prompt=direct"])
+    data.main(cfg)
+    with pytest.raises(ConfigError, match=r"warmup.source: all 6 warm-up items from .* are also items of the run"):
+        warmup.main(cfg)
+
+
 def test_a_warmed_student_read_under_the_score_prompt_is_refused_naming_the_field(tmp_path):
     """The warm-up teaches '[[k]]'; the score prompt reads the first answer token, '[[' for every item (measured on
     embedded:arith: 1,537 of 1,537 invalid, and the split then had nothing to bucket)."""

@@ -1,12 +1,12 @@
 """The driver SIGKILLed mid-stage, then the same command run again: it resumes (no row lost or
 duplicated), finished stages are skipped.
 
-- `ray job submit` for real: a `ray start --head` cluster in its own temp dir, the documented command
-  submitted with --working-dir, its driver killed while the score stage is writing, the same command
-  submitted again; the outputs are checked (and the absolute path the job prints), a job with a relative
-  run_dir is refused in one line, then the cluster is stopped.
-- `cft-ray score` as a second driver on the test session's Ray, killed once parts are on disk, with a
-  half-written part left behind: the re-run redoes only the missing rows."""
+- `ray job submit` for real, with the run dir on an S3-compatible server on loopback (moto's; the cluster
+  gets the AWS_* variables as `ray start` does on a node): a `ray start --head` cluster in its own temp dir,
+  the documented command submitted with --working-dir, its driver killed while the score stage is writing
+  parts to the bucket, the same command submitted again; the outputs in the bucket are checked (and the path
+  the job prints), a job with a relative run_dir is refused in one line, then the cluster is stopped.
+  A half-written part file is left in the bucket after the kill: the re-run deletes it and redoes its rows."""
 from __future__ import annotations
 
 import os
@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cft_ray import score, store
+from cft_ray import store
 from cft_ray.config import load_config
 from cft_ray.layout import stage_dir
 from test_pipeline import tiny_run_overrides
-from test_score import _items, _prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +73,7 @@ def _stop(temp: Path) -> None:
 
 
 @pytest.mark.heavy
-def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
+def test_ray_job_submit_on_an_object_store_survives_a_killed_driver(tmp_path, tiny_model_dir, s3):
     bin_dir = Path(sys.executable).parent
     # The job's `python` is whatever the cluster's PATH finds: this venv's, as on a cluster whose setup
     # commands installed the project.
@@ -92,7 +90,7 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
                    env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
-        run_dir = tmp_path / "run"
+        run_dir = "s3://cft/runs/job"
         # base only (direct mode = one scoring pass); small score blocks and parts so the stage is
         # still writing when the driver is killed
         overrides = tiny_run_overrides(run_dir, tiny_model_dir, arms=["base"]) + [
@@ -112,7 +110,7 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
 
         first = launch()
         score_parts, deadline = store.join(stage_dir(cfg, "score"), "parts"), time.time() + 600
-        while time.time() < deadline and not (os.path.isdir(score_parts) and store.part_files(score_parts)):
+        while time.time() < deadline and not store.part_files(score_parts):
             if first.poll() is not None and "No available agent" in log.read_text():
                 time.sleep(2)  # the head's job agent is still starting: Ray says "try again later"
                 first = launch()
@@ -127,20 +125,24 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
         assert not store.is_done(stage_dir(cfg, "score")), "killed mid-stage"
         partial = store.columns(score_parts, ["item_id"]).num_rows
         assert 0 < partial < 120
-        data_done = os.path.getmtime(store.join(stage_dir(cfg, "data"), "_SUCCESS"))
+        half = f"{score_parts[5:]}/zz-half-written.parquet"  # what a writer killed mid-file leaves behind
+        with s3.open_output_stream(half) as f:
+            f.write(b"PAR1 truncated")
+        data_done = s3.get_file_info(store.join(stage_dir(cfg, "data"), "_SUCCESS")[5:]).mtime
 
         res = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "succeeded" in res.stdout and "report:" in res.stdout
-        assert os.path.getmtime(store.join(stage_dir(cfg, "data"), "_SUCCESS")) == data_done  # not recomputed
+        assert s3.get_file_info(store.join(stage_dir(cfg, "data"), "_SUCCESS")[5:]).mtime == data_done  # not recomputed
         ids = store.columns(score_parts, ["item_id"])["item_id"].to_pylist()
         assert len(ids) == len(set(ids)) == 120, "every row exactly once"
         counts = store.read_json(store.join(stage_dir(cfg, "score"), "manifest.json"))["counts"]
         assert counts["resumed"] >= partial and counts["rows_in"] == 120
-        arms = store.read_json(store.join(str(run_dir), "arms.json"))
-        assert arms["base"]["sets"]["test"]["n"] == pq.read_table(store.join(stage_dir(cfg, "split"), "test")).num_rows
-        assert (run_dir / "report" / "report.md").exists()
-        run = store.read_json(store.join(str(run_dir), "run_manifest.json"))
+        assert not store.exists(f"s3://{half}"), "the half-written part was deleted, its rows redone"
+        arms = store.read_json(store.join(run_dir, "arms.json"))
+        assert arms["base"]["sets"]["test"]["n"] == store.columns(store.join(stage_dir(cfg, "split"), "test"), ["item_id"]).num_rows
+        assert store.exists(f"{run_dir}/report/report.md")
+        run = store.read_json(store.join(run_dir, "run_manifest.json"))
         assert run["machine"]["ray_address"].endswith(f":{port}"), "ran on the submitted cluster"
         assert f"report: {run_dir}/report/report.md" in res.stdout, "where the outputs really are"
 
@@ -154,43 +156,3 @@ def test_ray_job_submit_survives_a_killed_driver(tmp_path, tiny_model_dir):
     finally:
         _stop(temp)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.mark.heavy
-def test_resume_after_killed_run_scores_every_item_once(ray_local, tmp_path, tiny_model_dir):
-    items = _items(240)
-    common = _prepare(tmp_path, items, 2, f"student.name={tiny_model_dir}", "student.dtype=float32",
-                      "score.pool.num_cpus=0.5", "score.pool.batch_size=4", "score.token_budget=64",
-                      "score.rows_per_file=8")
-    cfg = load_config(None, common)
-    out = stage_dir(cfg, "score")
-    parts = store.join(out, "parts")
-    addr = ray_local.get_runtime_context().gcs_address
-    # The real CLI as a separate driver on the same cluster, SIGKILLed once some parts are on disk.
-    (tmp_path / "defaults.yaml").write_text("{}\n")  # the field defaults, as load_config(None, common)
-    proc = subprocess.Popen([sys.executable, "-m", "cft_ray.cli", "score", "-c", str(tmp_path / "defaults.yaml"),
-                             *common, f"ray.address={addr}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(store.part_files(parts)) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    seen: list = []
-    while True:  # the dead driver's workers are reaped asynchronously: wait for the directory to settle
-        time.sleep(1.5)
-        now = sorted(os.listdir(parts))
-        if now == seen:
-            break
-        seen = now
-    done_before = sum(pq.read_metadata(f).num_rows for f in store.part_files(parts))
-    assert 0 < done_before < len(items), "the run was not interrupted halfway; make it slower"
-    assert not store.is_done(out)
-    with open(os.path.join(parts, "zz-half-written.parquet"), "wb") as f:
-        f.write(b"PAR1 truncated")  # what a writer killed mid-file leaves behind
-    assert score.main(cfg) == out
-    ids = pq.read_table(parts, columns=["item_id"])["item_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == len(items)
-    m = store.read_json(store.join(out, "manifest.json"))
-    assert m["counts"]["resumed"] == done_before and m["throughput"]["rows_scored"] == len(items) - done_before
-    assert not os.path.exists(os.path.join(parts, "zz-half-written.parquet"))

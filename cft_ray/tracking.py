@@ -48,14 +48,17 @@ def client(cfg: CftConfig):
     except ImportError:
         raise ConfigError("tracking.backend: mlflow needs the MLflow client: pip install 'cft-ray[tracking]' "
                           "(mlflow-skinny)") from None
-    return MlflowClient(tracking_uri=uri(cfg))
+    found = uri(cfg)
+    if found.startswith("file:"):  # MLflow 3 keeps its file backend in maintenance mode, behind this opt-in; its
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # sqlite backend needs the full server package
+    return MlflowClient(tracking_uri=found)
 
 
 def check(cfg: CftConfig) -> None:
     """On the driver before Ray starts: the client imports and the server answers (no retries: a typo should
     not cost minutes of backoff)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
     try:
         client(cfg).search_experiments(max_results=1)
     except ConfigError:
@@ -63,6 +66,12 @@ def check(cfg: CftConfig) -> None:
     except Exception as e:  # noqa: BLE001 - connection refused, auth, a non-MLflow server: all a config to fix
         raise ConfigError(f"tracking.uri: MLflow at {uri(cfg)} did not answer ({type(e).__name__}: {error_line(e)}); "
                           "check the URI, that the server runs, and MLFLOW_TRACKING_TOKEN / USERNAME / PASSWORD") from None
+    finally:  # the run's own logging keeps MLflow's retries
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -286,11 +286,10 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     tc = cfg.train
     started = time.time()
     # each worker resolves the model on its own node (an object store's model is fetched there once);
-    # the driver resolves it too, for the tokenizer
+    # the driver only reads its tokenizer
     student = cfg.student.model_copy(update={"name": init_from}) if init_from else cfg.student
-    init_dir = models.resolve(student)
     phases, datasets = phase_datasets(examples, cfg)
-    tok = models.load_tokenizer(cfg.student, init_dir)
+    tok = models.load_tokenizer(cfg.student, models.resolve(student, weights=False))
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))}
     if not tc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"

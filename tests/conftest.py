@@ -64,6 +64,21 @@ def build_tiny(out_dir, tokenizer_dir, chat_template: str | None = None, seed: i
 
 
 @pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, smollm2_dir):
+    """A tiny 1-layer model with SmolLM2's tokenizer and no chat template: a base model (`student.chat_template=plain`)."""
+    from transformers import AutoTokenizer
+
+    d = build_tiny(tmp_path_factory.mktemp("base"), smollm2_dir, layers=1)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = None
+    for f in Path(d).glob("chat_template.jinja"):
+        f.unlink()
+    tok.save_pretrained(d)
+    assert not getattr(AutoTokenizer.from_pretrained(d), "chat_template", None), "the fixture must have no template"
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir):
     """Tiny random Llama with SmolLM2's tokenizer and ChatML template (vocab 49,152, 2 layers)."""
     return build_tiny(tmp_path_factory.mktemp("tiny"), smollm2_dir)

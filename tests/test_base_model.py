@@ -1,27 +1,13 @@
-"""A base model (no chat template): with `student.chat_template=plain` the whole chain scores, trains
-and evaluates it; without the option the CLI fails on the driver, before Ray starts, in one line."""
+"""A base model (no chat template, the `base_model_dir` fixture): without `student.chat_template` the CLI fails on
+the driver, before Ray starts, in one line; the option passes the check. The whole chain on it in the plain format:
+scored and evaluated in tests/reliability/test_killed_driver.py (the `ray job submit` run), trained (the warm-up, the
+arms' training path) in tests/test_warmup.py."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
-
-from conftest import build_tiny
-
-
-@pytest.fixture(scope="module")
-def base_model_dir(tmp_path_factory, smollm2_dir):
-    from transformers import AutoTokenizer
-
-    d = build_tiny(tmp_path_factory.mktemp("base"), smollm2_dir, layers=1)
-    tok = AutoTokenizer.from_pretrained(d)
-    tok.chat_template = None
-    for f in tmp_path_factory.getbasetemp().glob("base*/chat_template.jinja"):
-        f.unlink()
-    tok.save_pretrained(d)
-    assert not getattr(AutoTokenizer.from_pretrained(d), "chat_template", None), "the fixture must have no template"
-    return d
 
 
 def test_without_a_template_the_cli_fails_in_one_line_before_ray(base_model_dir, tmp_path):
@@ -50,33 +36,3 @@ def test_the_option_passes_the_fast_check_and_a_bad_spec_fails_it(base_model_dir
         models.check_template_files(ModelConfig(name=str(base_model_dir), chat_template="nosuch"))
     with pytest.raises(ConfigError, match="has no chat template"):
         models.check_template_files(ModelConfig(name=str(base_model_dir)))
-
-
-@pytest.mark.heavy
-def test_plain_format_warms_up_scores_and_evaluates_a_base_model(ray_local, base_model_dir, tmp_path):
-    """The whole chain on a model without a chat template: a warm-up (Ray Train, the arms' training path) trains it
-    in the plain "Answer: [[k]]" format, the warmed model carries that format as its template, and it is scored and
-    evaluated in it. One training run: the arms train through the same code (tests/test_train.py, test_pipeline.py).
-    (The chain with the run dir and the models on an object store: tests/test_pipeline.py.)"""
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
-    from cft_ray import pipeline, store, warmup
-    from cft_ray.config import load_config
-
-    run_dir = str(tmp_path / "run")
-    cfg = load_config(None, [f"run_dir={run_dir}", "data.limit=40", f"student.name={base_model_dir}", "student.dtype=float32",
-                             "student.chat_template=plain", "split.exclude=[]", "split.test_fraction=0.25", "arms=[base]",
-                             "warmup.source=embedded:arith-warmup", "warmup.limit=16", "warmup.method=lora", "score.prompt=direct",
-                             "eval.mode=direct", "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4",
-                             "train.lora_alpha=8", "train.precision=fp32", "train.max_length=512", "train.pool.size=1"])
-    assert pipeline.main(cfg) == f"{run_dir}/report/report.md" and store.exists(f"{run_dir}/report/report.md")
-    arms = store.read_json(f"{run_dir}/arms.json")
-    assert list(arms) == ["base"] and arms["base"]["sets"]["test"]["n"] > 0
-    warm = pipeline.stage_dirs(cfg)["warmup"]
-    ex = pq.read_table(f"{warm}/examples", columns=["input_ids"]).slice(0, 1).to_pylist()[0]
-    text = AutoTokenizer.from_pretrained(base_model_dir).decode(ex["input_ids"])
-    assert "Answer: [[" in text and "<|im_start|>" not in text, text[-200:]  # the plain format, not a chat
-    trained = AutoTokenizer.from_pretrained(f"{warm}/model")
-    assert trained.chat_template and "Answer: " in trained.chat_template  # the template travels with the model
-    assert warmup.stage_config(cfg, "arms").student.name == f"{warm}/model"  # scored and evaluated: the warmed model

@@ -45,3 +45,18 @@ def test_run_dir_write_probe_passes_on_a_bucket_and_names_a_missing_one(s3):
         "the probe file is removed"
     with pytest.raises(ConfigError, match=r"^run_dir: cannot write s3://no-such-bucket/runs/a \(.*\); check"):
         store.check_writable("s3://no-such-bucket/runs/a")
+
+
+def test_the_driver_reads_tokenizer_and_config_without_fetching_the_weights(s3, tiny_model_dir, tmp_path):
+    """What the driver needs of a model on an object store (tokenizer, chat template, context length) comes without
+    the weight files: a 70B checkpoint (140 GB) has no business on a head node's disk."""
+    import json
+
+    upload(s3, tiny_model_dir, "cft/run/train-y/model")
+    cfg = ModelConfig(name="s3://cft/run/train-y/model", cache_dir=str(tmp_path / "cache"))
+    assert models.load_tokenizer(cfg).chat_template
+    want = json.loads((Path(tiny_model_dir) / "config.json").read_text())["max_position_embeddings"]
+    assert models.context_length(cfg) == want
+    (meta,) = (tmp_path / "cache").iterdir()
+    assert meta.name.endswith("-meta") and (meta / "tokenizer.json").exists() and (meta / "config.json").exists()
+    assert not list(meta.glob("*.safetensors")), "no weights fetched"

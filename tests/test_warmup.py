@@ -19,14 +19,18 @@ def _items(prefix: str, n: int, offset: int = 0) -> list[dict]:
 
 
 @pytest.mark.heavy
-def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local, tiny_model_dir, tmp_path):
+def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local, base_model_dir, tmp_path):
+    """On a base model (no chat template) in the plain format: the training path's examples, and the template
+    travelling with the trained model, are checked here too."""
+    from transformers import AutoTokenizer
+
     run_items = _items("r", 12)
     # 16 warm-up items: 3 are run items under other ids (same question and options), 13 are new
     warm_items = _items("w", 3) + _items("w-new", 13, offset=100)
     for name, rows in (("run.jsonl", run_items), ("warm.jsonl", warm_items)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={tiny_model_dir}",
-                             f"warmup.source={tmp_path}/warm.jsonl", "warmup.method=lora", "warmup.lr=1e-2", "warmup.epochs=2", "score.prompt=direct",
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={base_model_dir}",
+                             "student.chat_template=plain", f"warmup.source={tmp_path}/warm.jsonl", "warmup.method=lora", "warmup.lr=1e-2", "warmup.epochs=2", "score.prompt=direct",
                              "train.num_workers=1", "train.micro_batch=4", "train.lora_r=4", "train.lora_alpha=8",
                              "train.precision=fp32", "train.max_length=256", "teach.max_tokens=64", "train.pool.size=1", "train.checkpoint_every_steps=100"])
     assert pipeline.needed(cfg)[:3] == ["data", "warmup", "score"]
@@ -41,22 +45,27 @@ def test_warmup_trains_on_its_own_items_and_later_stages_use_its_model(ray_local
     assert trained == {data.content_id(r["question"], r["options"]) for r in warm_items[3:]}  # the run's content never trains here
     tm = store.read_json(store.join(out, "train_manifest.json"))
     assert tm["method"] == "lora" and tm["steps"] == 6 and [p["name"] for p in tm["phases"]] == ["merged"]  # 13 rows // 4 x 2 epochs
-    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    ex = store.columns(store.join(out, "examples"), ["input_ids"])["input_ids"][0].as_py()
+    text = AutoTokenizer.from_pretrained(base_model_dir).decode(ex)
+    assert "Answer: [[" in text and "<|im_start|>" not in text, text[-200:]  # the plain format, not a chat
+    trained = AutoTokenizer.from_pretrained(store.join(out, "model"))
+    assert trained.chat_template and "Answer: " in trained.chat_template  # the template travels with the model
+    before = load_file(f"{base_model_dir}/model.safetensors")
     after = load_file(store.join(out, "model", "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # LoRA merged into the weights
     # every stage after it runs with the warmed model; the data stage and the warm-up itself with the configured one
     assert warmup.stage_config(cfg, "score").student.name == store.join(out, "model")
-    assert warmup.stage_config(cfg, "data").student.name == tiny_model_dir
+    assert warmup.stage_config(cfg, "data").student.name == base_model_dir
     no_warm = cfg.model_copy(update={"warmup": cfg.warmup.model_copy(update={"source": None})})
     dirs, plain = pipeline.stage_dirs(cfg), pipeline.stage_dirs(no_warm)
     assert dirs["data"] == plain["data"] and dirs["score"] != plain["score"] and dirs["split"] != plain["split"]
     assert warmup.main(cfg) == out  # finished: skipped
 
 
-def test_warm_up_items_that_are_all_run_items_fail_in_one_line(ray_local, tiny_model_dir, tmp_path):
+def test_warm_up_items_that_are_all_run_items_fail_in_one_line(ray_local, base_model_dir, tmp_path):
     """The run's own source as warm-up source (same seed, same sample): nothing left, said before any training."""
     (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _items("r", 6)))
-    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={tiny_model_dir}",
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", f"data.source={tmp_path}/run.jsonl", f"student.name={base_model_dir}",
                              f"warmup.source={tmp_path}/run.jsonl", "score.prompt=direct"])
     data.main(cfg)
     with pytest.raises(ConfigError, match=r"warmup.source: all 6 warm-up items from .* are also items of the run"):

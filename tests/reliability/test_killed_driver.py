@@ -73,7 +73,8 @@ def _stop(temp: Path) -> None:
 
 
 @pytest.mark.heavy
-def test_ray_job_submit_on_an_object_store_survives_a_killed_driver(tmp_path, tiny_model_dir, s3):
+def test_ray_job_submit_on_an_object_store_survives_a_killed_driver(tmp_path, base_model_dir, s3):
+    """The student is a base model (no chat template) scored and evaluated in the plain format."""
     bin_dir = Path(sys.executable).parent
     # The job's `python` is whatever the cluster's PATH finds: this venv's, as on a cluster whose setup
     # commands installed the project.
@@ -93,8 +94,8 @@ def test_ray_job_submit_on_an_object_store_survives_a_killed_driver(tmp_path, ti
         run_dir = "s3://cft/runs/job"
         # base only (direct mode = one scoring pass); small score blocks and parts so the stage is
         # still writing when the driver is killed
-        overrides = tiny_run_overrides(run_dir, tiny_model_dir, arms=["base"]) + [
-            "data.limit=120", "score.pool.batch_size=4", "score.rows_per_file=4", "eval.mode=direct"]
+        overrides = tiny_run_overrides(run_dir, base_model_dir, arms=["base"]) + [
+            "student.chat_template=plain", "data.limit=120", "score.pool.batch_size=4", "score.rows_per_file=4", "eval.mode=direct"]
         cfg_path = tmp_path / "job.yaml"
         cfg_path.write_text(yaml.safe_dump(_nested(overrides)))
         cfg = load_config(cfg_path)

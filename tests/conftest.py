@@ -216,3 +216,61 @@ def mlflow_server():
         except OSError:
             assert proc.poll() is None and time.time() < deadline, (_MLFLOW["dir"] / "server.log").read_text()[-2000:]
             time.sleep(0.5)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A stand-in for the Hugging Face Hub on loopback (the real one is not reachable here): the three endpoints
+    huggingface_hub's HfFileSystem calls to list and read a data set's files (revision, tree, resolve with ranges),
+    served from `root/<org>/<name>/<revision>/...`. Yields (endpoint URL, root)."""
+    import json
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import unquote, urlsplit
+
+    root = tmp_path / "hub"
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code: int, body: bytes, headers: dict | None = None):
+            self.send_response(code)
+            for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self):
+            path = unquote(urlsplit(self.path).path)
+            api = re.match(r"^/api/datasets/([^/]+/[^/]+)/(revision|tree)/(refs/convert/parquet|[^/]+)/?(.*)$", path)
+            get = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/(refs/convert/parquet|[^/]+)/(.+)$", path)
+            if api:
+                d = root / api[1] / api[3] / api[4]
+                if not d.is_dir():
+                    return self._send(404, b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"})
+                body = {"id": api[1], "sha": "0" * 40, "private": False} if api[2] == "revision" else [
+                    {"type": "directory", "path": str(p.relative_to(root / api[1] / api[3])), "oid": "0" * 40}
+                    if p.is_dir() else {"type": "file", "path": str(p.relative_to(root / api[1] / api[3])),
+                                        "size": p.stat().st_size, "oid": "1" * 40} for p in sorted(d.iterdir())]
+                return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            if get and (root / get[1] / get[2] / get[3]).is_file():
+                data = (root / get[1] / get[2] / get[3]).read_bytes()
+                first, last = 0, len(data) - 1
+                if rng := self.headers.get("Range"):
+                    a, b = rng.split("=")[1].split("-")
+                    first, last = int(a), min(int(b) if b else last, last)
+                return self._send(206 if rng else 200, data[first:last + 1],
+                                  {"ETag": '"e"', "X-Repo-Commit": "0" * 40, "Content-Range": f"bytes {first}-{last}/{len(data)}"})
+            self._send(404, b'{"error": "not found"}')
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()

@@ -112,6 +112,32 @@ def test_source_errors_are_config_errors():
         data.resolve_source(DataConfig(source="embedded:nope"))
 
 
+def test_hf_hub_source_reads_the_split_parquet_shards(hub, tmp_path):
+    """hf:<id> from the Hub's Parquet conversion through huggingface_hub's HfFileSystem, in a real `cft-ray data
+    prepare` (its own local Ray; HF_ENDPOINT points it and its workers at the loopback stand-in): both shards of the
+    split are read, MMLU-Pro's layout is recognised, a bad row is counted, the other split is not read; a data set
+    the Hub does not have is one line naming data.source."""
+    from test_fail_fast import assert_one_line, run_cli
+
+    endpoint, root = hub
+    rows = [{"question_id": i, "question": f"pro {i}?", "options": [f"o{j}" for j in range(4)], "answer": "B",
+             "answer_index": 1, "category": "law"} for i in range(7)]
+    rows[5]["options"] = ["only"]
+    for split, part, chunk in [("test", "0000", rows[:4]), ("test", "0001", rows[4:]), ("validation", "0000", rows[:2])]:
+        (root / "org/pro/refs/convert/parquet/default" / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(chunk), root / f"org/pro/refs/convert/parquet/default/{split}/{part}.parquet")
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    rc, err, _ = run_cli(["data", "prepare", "data.source=hf:org/pro", f"run_dir={tmp_path}/run"], env=env)
+    assert rc == 0, err[-3000:]
+    (out,) = (tmp_path / "run").glob("data-*")
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (counts["rows_in"], counts["rows_out"], counts["errors"]) == (7, 6, 1)
+    assert sorted(_read(out, "items")["item_id"].to_pylist()) == ["0", "1", "2", "3", "4", "6"]
+    assert set(_read(out, "items")["answer"].to_pylist()) == {1}
+    rc, err, secs = run_cli(["data", "prepare", "data.source=hf:org/missing", f"run_dir={tmp_path}/run2"], env=env)
+    assert_one_line(rc, err, secs, "data.source: cannot list hf://datasets/org/missing@", "HF_TOKEN")
+
+
 def test_hf_reader_mmlu_pro_layout(ray_local, tmp_path):
     """The hf: reader on a local dataset with MMLU-Pro's fields (hub access is not needed for this)."""
     datasets = pytest.importorskip("datasets")

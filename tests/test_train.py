@@ -189,7 +189,7 @@ def test_data_spent_counts_answer_tokens_whatever_loss_on(ray_local, tiny_model_
         cfg = load_config(None, [f"student.name={tiny_model_dir}", "train.pool.size=1", f"train.loss_on={loss_on}",
                                  "train.micro_batch=2", "train.num_workers=1"])
         ex = build_examples(ray_local.data.from_items(rows, override_num_blocks=1), ray_local.data.from_items(teacher_cot(rows), override_num_blocks=1), cfg)
-        phases, _ = phase_datasets(ex, cfg)
+        phases, _, _ = phase_datasets(ex, cfg)
         spent[loss_on] = [(p["target_tokens_per_epoch"], p["trained_tokens_per_epoch"], p["data_spent_target_tokens"])
                           for p in phases]
     assert [s[0] for s in spent["all"]] == [s[0] for s in spent["assistant"]] and all(s[0] > 0 for s in spent["all"])

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -227,9 +229,13 @@ def main() -> None:
     rows, cot = mmlu_rows(args.steps * args.micro_batch * args.workers)
     if args.cft_only:
         return cft_only(rows, cot, model_dir, args)
-    hf = run_hf(rows, cot, model_dir, args)
+    # each peer in a process of its own: what it allocated (~6 GB for SmolLM2) is returned before the next side
+    # starts, else the driver keeps it and cft-ray's two workers run out of memory on a 24 GB box
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        hf = pool.submit(run_hf, rows, cot, model_dir, args).result()
     print(f"HF Trainer: {hf['tokens_per_s']:.1f} tokens/s", flush=True)  # each side as it finishes
-    trl = run_trl(rows, cot, model_dir, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        trl = pool.submit(run_trl, rows, cot, model_dir, args).result()
     print(f"TRL SFTTrainer: {trl['tokens_per_s']:.1f} tokens/s", flush=True)
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     ours = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=args.workers)

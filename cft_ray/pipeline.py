@@ -142,6 +142,7 @@ def main(cfg: CftConfig, only: str | None = None, from_stage: str | None = None,
             continue
         if action == "re-run":
             _reset(dirs[s])
+            tracking.forget(run, s)
         t0 = time.time()
         log.info("stage %s: %s", s, action)
         out = STAGES[s].run(warmup.stage_config(cfg, s))

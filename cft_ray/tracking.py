@@ -171,6 +171,15 @@ def log_report(mlflow, parent: str, report_dir: str) -> None:
         mlflow.log_artifacts(parent, tmp, artifact_path="report")
 
 
+def forget(run: dict, stage: str) -> None:
+    """A stage run again (`cft-ray run --from/--only`) is logged again: its new numbers become the metrics' latest
+    values in the same MLflow run (its old ones stay in their history)."""
+    for runs in run.get("tracking", {}).values():
+        for entry in runs.values():
+            if stage in entry["logged"]:
+                entry["logged"].remove(stage)
+
+
 def log_run(cfg: CftConfig, run: dict) -> None:
     """Every finished stage not yet logged (its manifest's numbers; the arms as child runs; the report, which
     ends the parent run). Called after each stage; a failure is a warning, the run's results stay in run_dir."""

@@ -35,6 +35,14 @@ def test_a_local_run_logs_to_its_embedded_store_once_per_stage(tmp_path, monkeyp
     assert "score.roc_auc.margin" not in runs[0].data.metrics
     assert len(mlflow.get_metric_history(runs[0].info.run_id, "data.counts.rows_in")) == 1
     assert [*run["tracking"][f"file:{run_dir}/mlruns"].values()][0]["logged"] == ["data", "score"]
+    # `run --from score`: the stage re-runs, its new numbers are logged into the same run, data's are not re-sent
+    tracking.forget(run, "score")
+    _finished_stage(f"{run_dir}/score-b", {"roc_auc": {"entropy": 0.64}})
+    tracking.log_run(cfg, run)
+    history = mlflow.get_metric_history(runs[0].info.run_id, "score.roc_auc.entropy")
+    assert [m.value for m in sorted(history, key=lambda m: m.timestamp)] == [0.61, 0.64]
+    assert len(mlflow.get_metric_history(runs[0].info.run_id, "data.counts.rows_in")) == 1
+    assert len(mlflow.search_runs([mlflow.get_experiment_by_name("unit").experiment_id])) == 1
 
 
 def test_what_cannot_track_fails_on_the_driver_in_one_line(tmp_path):

@@ -231,10 +231,9 @@ def main() -> None:
         return cft_only(rows, cot, model_dir, args)
     # each peer in a process of its own: what it allocated (~6 GB for SmolLM2) is returned before the next side
     # starts, else the driver keeps it and cft-ray's two workers run out of memory on a 24 GB box
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         hf = pool.submit(run_hf, rows, cot, model_dir, args).result()
-    print(f"HF Trainer: {hf['tokens_per_s']:.1f} tokens/s", flush=True)  # each side as it finishes
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        print(f"HF Trainer: {hf['tokens_per_s']:.1f} tokens/s", flush=True)  # each side as it finishes
         trl = pool.submit(run_trl, rows, cot, model_dir, args).result()
     print(f"TRL SFTTrainer: {trl['tokens_per_s']:.1f} tokens/s", flush=True)
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)

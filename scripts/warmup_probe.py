@@ -58,7 +58,7 @@ def evaluate():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(0, len(test), 16):
             b = test[i:i + 16]
-            ids = [tok(prompts.render(tok, prompts.direct_messages(r)) + "[[", add_special_tokens=False)["input_ids"] for r in b]
+            ids = [tok(prompts.render(tok, prompts.direct_messages(r)) + prompts.DIRECT_PREFIX, add_special_tokens=False)["input_ids"] for r in b]
             w = max(map(len, ids)); x = torch.full((len(b), w), tok.pad_token_id); m = torch.zeros_like(x)
             for j, s in enumerate(ids): x[j, w - len(s):] = torch.tensor(s); m[j, w - len(s):] = 1  # left pad
             lg = model(input_ids=x, attention_mask=m).logits[:, -1, digits].float()

@@ -211,6 +211,15 @@ def _records(path: str, fmt: str) -> Iterator[tuple[int, object, str | None]]:
                         i += 1
             except Exception as e:  # noqa: BLE001 - truncated/corrupt file: the rest of it is one error
                 yield -1, None, f"unreadable parquet file: {type(e).__name__}: {e}"
+        elif fmt == "arrow":  # datasets' save_to_disk files: the Arrow IPC stream format
+            try:
+                i = 0
+                for batch in pa.ipc.open_stream(f):
+                    for rec in batch.to_pylist():
+                        yield i, rec, None
+                        i += 1
+            except Exception as e:  # noqa: BLE001 - truncated/corrupt file: the rest of it is one error
+                yield -1, None, f"unreadable arrow file: {type(e).__name__}: {e}"
         else:  # csv/tsv, header row required; bad bytes surface per row as surrogates
             reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""),
                                     delimiter="\t" if fmt == "tsv" else ",")
@@ -261,7 +270,8 @@ def resolve_source(cfg: DataConfig) -> tuple[list[tuple[str, str]], ColumnMap]:
     if cfg.source.startswith("embedded:"):
         raise ConfigError(f"data.source: unknown embedded source {cfg.source!r} (have {sorted(EMBEDDED)})")
     if cfg.source.startswith("hf:"):
-        return _hub_parquet_files(cfg), cfg.columns or ColumnMap()
+        local = Path(cfg.source[3:])
+        return (_saved_arrow_files(cfg, local) if local.is_dir() else _hub_parquet_files(cfg)), cfg.columns or ColumnMap()
     exts = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
     fs, _, paths = fsspec.get_fs_token_paths(cfg.source)
     files: list[str] = []
@@ -286,8 +296,6 @@ def read_parsed(cfg: DataConfig):
     """Ray Dataset of parsed rows: items with `_reason` null, rejects with their reason."""
     import ray
 
-    if cfg.source.startswith("hf:") and Path(cfg.source[3:]).is_dir():
-        return _read_hf_disk(cfg)
     files, cols = resolve_source(cfg)
     paths = ray.data.from_items([{"path": p, "format": f, "file_idx": i} for i, (p, f) in enumerate(files)],
                                 override_num_blocks=max(1, len(files)))
@@ -311,35 +319,15 @@ def _hub_parquet_files(cfg: DataConfig) -> list[tuple[str, str]]:
     return [(f"hf://{p}", "parquet") for p in sorted(paths)]
 
 
-def _read_hf_disk(cfg: DataConfig):
-    """A data set saved with `datasets.save_to_disk` (memory-mapped Arrow), MMLU-Pro's fields by default."""
-    import datasets
-    import ray
-
-    name = cfg.source[3:]
-    hf = datasets.load_from_disk(name)
-    hf = hf[cfg.hf_split] if isinstance(hf, datasets.DatasetDict) else hf
-    cols = cfg.columns or MMLU_PRO
-    src = f"hf:{name}/{cfg.hf_split}"
-    tables = [_to_table([_parse_one(rec, i + off, cols, cfg, src) for i, rec in enumerate(batch.to_pylist())])
-              for off, batch in _offsets(hf.data.table.to_batches(max_chunksize=_CHUNK))]
-    return ray.data.from_arrow(tables or [_PARSED_SCHEMA.empty_table()])
-
-
-def _offsets(batches):
-    off = 0
-    for b in batches:
-        yield off, b
-        off += b.num_rows
-
-
-def _parse_one(rec, i: int, cols: ColumnMap, cfg: DataConfig, src: str) -> dict:
-    row = {"_file": 0, "_row": i, "source": f"{src}:{i}", "_raw": None, "_reason": None}
-    try:
-        row.update(normalize(rec, cols, cfg))
-    except ValueError as e:
-        row.update(_reason=str(e), _raw=_raw(rec), item_id=None)
-    return row
+def _saved_arrow_files(cfg: DataConfig, local: Path) -> list[tuple[str, str]]:
+    """The Arrow files of a `datasets.save_to_disk` directory (a DatasetDict: its `data.hf_split`), read as files
+    like every other source (one task per file) instead of loaded on the driver."""
+    root = local / cfg.hf_split if (local / "dataset_dict.json").exists() else local
+    files = sorted(root.glob("*.arrow"))
+    if not files:
+        raise ConfigError(f"data.source: no Arrow files in {root} (a datasets.save_to_disk directory; "
+                          f"check data.hf_split)")
+    return [(str(f), "arrow") for f in files]
 
 
 def ingest(cfg: DataConfig, out_dir: str | os.PathLike) -> dict:

@@ -148,6 +148,13 @@ def test_hf_reader_mmlu_pro_layout(ray_local, tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
     counts = data.ingest(DataConfig(source=f"hf:{tmp_path / 'ds'}"), tmp_path / "out")
     assert counts["rows_in"] == 4 and counts["rows_out"] == 3
+    # a DatasetDict: only data.hf_split is read, as files (one task each), not loaded on the driver
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:2]),
+                          "validation": datasets.Dataset.from_list(rows[2:])}).save_to_disk(tmp_path / "dd")
+    assert data.ingest(DataConfig(source=f"hf:{tmp_path / 'dd'}", hf_split="validation"),
+                       tmp_path / "out_dd")["rows_in"] == 2
+    with pytest.raises(ConfigError, match="no Arrow files in .*dd/train"):
+        data.resolve_source(DataConfig(source=f"hf:{tmp_path / 'dd'}", hf_split="train"))
     good = sorted(_read(tmp_path / "out", "items").to_pylist(), key=lambda r: r["item_id"])
     assert good[0]["item_id"] == "70" and good[0]["answer"] == 9 and good[0]["category"] == "law"
     assert len(good[0]["options"]) == 10

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -222,8 +222,8 @@ def train_loop(config: dict) -> None:
         if run.state["step"] < end:
             _train_phase(run, phase_index, ph, offset, end)
         if ph["steps"] and ph["valid"] and ph["name"] not in run.state["valid"]:
-            rows = pa.concat_tables(ray.get(config["valid"][ph["valid"]][run.rank]))
-            run.state["valid"][ph["name"]] = _valid_loss(run.engine, rows, run.tc, run.collate_fn, run.device)
+            batches = _micro_batches(config["valid"][ph["valid"]][run.rank], run.tc.micro_batch)
+            run.state["valid"][ph["name"]] = _valid_loss(run.engine, batches, run.collate_fn, run.device)
             if run.rank == 0:
                 log.info("train: phase %s valid loss %.4f", ph["name"], run.state["valid"][ph["name"]])
         offset = end
@@ -417,8 +417,24 @@ def _save_checkpoint(run: Run, step: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _valid_loss(engine, rows: pa.Table, tc, collate_fn, device) -> float | None:
-    """Token-mean loss over this rank's valid rows (equal shards: every rank runs the same batches,
+def _micro_batches(refs: list, size: int) -> Iterator[pa.Table]:
+    """This rank's valid rows in micro-batches of `size`, one Arrow block fetched at a time (a large valid split
+    never sits whole in a worker); ranks hold equal row counts, so every rank yields as many batches."""
+    import ray
+
+    carry = None
+    for ref in refs:
+        rows = ray.get(ref) if carry is None else pa.concat_tables([carry, ray.get(ref)])
+        full = rows.num_rows - rows.num_rows % size
+        for start in range(0, full, size):
+            yield rows.slice(start, size)
+        carry = rows.slice(full)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
+def _valid_loss(engine, batches: Iterator[pa.Table], collate_fn, device) -> float | None:
+    """Token-mean loss over this rank's valid micro-batches (equal shards: every rank runs the same batches,
     which ZeRO-3's parameter gathers require)."""
     import torch
     import torch.distributed as dist
@@ -426,8 +442,7 @@ def _valid_loss(engine, rows: pa.Table, tc, collate_fn, device) -> float | None:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, rows.num_rows, tc.micro_batch):
-            part = rows.slice(start, tc.micro_batch)
+        for part in batches:
             b = collate_fn({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names})
             total[0] += summed_loss(engine, b, device).item()
             total[1] += b["n_target"]

@@ -399,7 +399,7 @@ class CftConfig(_Base):
             raise ValueError(f"selection: arms {need} train on the InstructDiff selection; set selection=instructdiff")
         if self.warmup.source and self.score.prompt == "score" and not self.split.scores:
             raise ValueError("score.prompt: the warm-up trains direct answers '[[k]]', so under the score prompt the warmed "
-                             "student's first token is '[[' for every item (embedded:arith: 1,537 of 1,537 invalid); "
+                             "student's first token is '[[' for every item (measured on a chained-arithmetic pool: 1,537 of 1,537 invalid); "
                              "set score.prompt=direct")
         return self
 

@@ -98,7 +98,7 @@ def roc_report(df, metrics: Mapping[str, str] = SCORE_METRICS, label: str = "cor
     levels = df["level"].dropna() if "level" in df else []
     if len(levels) and levels.nunique() > 1:
         # a known difficulty: how well each metric tells the easier levels from the harder ones, cut nearest an even
-        # split of the rows (the median level put 80% of the arith pool on one side), and each level on its own
+        # split of the rows (the median level put 80% of a pool skewed 7/36/36/20% across levels on one side), and each level on its own
         known = df[df["level"].notna()]
         share = levels.value_counts(normalize=True).sort_index().cumsum()[:-1]
         cut = float((share - 0.5).abs().idxmin())

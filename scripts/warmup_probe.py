@@ -1,13 +1,12 @@
-"""Plain-loop warm-up probe (issue 20): does a level design of cft_ray/arith.py give SmolLM2-135M graded competence
-in N steps, measured on held-out expressions (40% of each level, never trained on)? No Ray, no DeepSpeed: full
-fine-tuning, fp32 master weights + bf16 autocast, AdamW, batch 8 padded, direct targets '[[k]]<|im_end|>' after
-the pipeline's own direct prompt. Every 50 steps: accuracy by level of the argmax over the digits 1-9 after the
-prompt + '[[', and the ROC AUC of that distribution's entropy against wrong answers.
+"""Plain-loop warm-up probe (issue 20): does a task give SmolLM2-135M graded competence in N steps of direct
+answers? Trains on `embedded:chains-warmup` (cft_ray/chains.py), measures on the experiment pool `embedded:chains`
+(never trained on). No Ray, no DeepSpeed: full fine-tuning, fp32 master weights + bf16 autocast, AdamW, batch 8
+padded, constant lr, direct targets '[[k]]<|im_end|>' after the pipeline's own direct prompt. Every 25 steps:
+accuracy by level of the argmax over the digits 1-9 after the prompt + '[[', and the ROC AUC of that
+distribution's entropy against wrong answers (the experiment's own score stage reads the full vocabulary).
 
-    .venv/bin/python scripts/warmup_probe.py '{"1": [1, 10], "2": [2, 10], "3": [2, 60], "4": [4, 60]}' 600 3e-4 300
-    (levels as {level: [ops, numbers below]}, steps, lr, distinct expressions per level)
+    .venv/bin/python scripts/warmup_probe.py 100 1e-4 [test items per level]
 """
-import json
 import random
 import sys
 import time
@@ -16,34 +15,18 @@ import torch
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cft_ray import arith, prompts
+from cft_ray import chains, prompts
 from cft_ray.config import load_config
 from cft_ray.models import resolve
 
-levels = json.loads(sys.argv[1])            # {"1": [ops, below], ...}
-steps, lr, per_level = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+steps, lr = int(sys.argv[1]), float(sys.argv[2])
+per_level = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 torch.manual_seed(0); torch.set_num_threads(2)
 rng = random.Random(0)
-items = []
-for lv, (ops, below) in levels.items():
-    seen = set(); tries = 0
-    while len(seen) < per_level and tries < 200000:
-        tries += 1
-        t = arith.expression(rng, ops, below)
-        if t:
-            seen.add(tuple(t))
-    for t in sorted(seen, key=str):
-        text, v = " ".join(map(str, t)), arith.rationale(list(t))[1]
-        items.append({"question": f"What is {text}?", "options": [str(k) for k in range(1, 10)], "answer": v - 1,
-                      "subject": "arithmetic", "level": int(lv)})
-rng.shuffle(items)
-test = []
-for lv in levels:  # 40% of each level held out
-    rows = [r for r in items if r["level"] == int(lv)]
-    test += rows[: int(0.4 * len(rows))]
-tid = {id(r) for r in test}
-train = [r for r in items if id(r) not in tid]
-print("levels", {lv: sum(r["level"] == int(lv) for r in train) for lv in levels}, "test", len(test), flush=True)
+pool, train = chains.generate()
+levels = [str(lv) for lv in chains.LEVELS]
+test = [r for lv in chains.LEVELS for r in [x for x in pool if x["level"] == lv][:per_level]]
+print("train", len(train), "test", len(test), flush=True)
 md = resolve(load_config(None, []).student)
 tok = AutoTokenizer.from_pretrained(md)
 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32)
@@ -82,5 +65,5 @@ for step in range(1, steps + 1):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=x, attention_mask=m, labels=y).loss
     loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
-    if step % 50 == 0:
+    if step % 25 == 0:
         print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", evaluate(), flush=True)

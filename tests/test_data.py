@@ -222,29 +222,38 @@ def test_zero_valid_rows_fail_in_one_line_and_mark_nothing_done(ray_local, tmp_p
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cft-ray: data.source")
 
 
-def test_embedded_arith_is_the_generators_output_with_levels_and_checked_rationales():
-    """The shipped files are cft_ray.arith's output for its seed; every rationale's last marker is the gold
-    answer; the experiment pool and the warm-up pool share no expression and both hold every level."""
+def test_embedded_chains_are_the_generators_output_with_true_levels_and_checked_rationales():
+    """The shipped files are cft_ray.chains' output for its seed; solving each question from its text alone (follow
+    the queried variable's links) gives its gold answer and its level; every rationale's last marker is the gold;
+    every item has the same number of statements; the experiment and warm-up pools share no question and both
+    hold every level."""
     import collections
+    import re
 
-    from cft_ray import arith
+    from cft_ray import chains
     from cft_ray.prompts import parse_marker
 
-    pool, warm = arith.split_warmup(arith.generate())
+    pool, warm = chains.generate()
     files, cols = {}, {}
-    for name, rows in (("embedded:arith", pool), ("embedded:arith-warmup", warm)):
+    for name, rows in (("embedded:chains", pool), ("embedded:chains-warmup", warm)):
         (path, fmt), = data.resolve_source(DataConfig(source=name))[0]
         files[name] = [json.loads(line) for line in open(path)]
         cols[name] = data.resolve_source(DataConfig(source=name))[1]
-        assert files[name] == rows, f"{name} differs from cft_ray.arith's output: run python -m cft_ray.arith"
+        assert files[name] == rows, f"{name} differs from cft_ray.chains' output: run python -m cft_ray.chains"
     assert not {r["question"] for r in pool} & {r["question"] for r in warm}
     for rows in (pool, warm):
         assert set(collections.Counter(r["level"] for r in rows)) == {1, 2, 3, 4}
     for r in pool + warm:
-        assert parse_marker(r["rationale"], 9) == r["answer"] and r["options"][r["answer"]] == str(r["answer"] + 1)
-        item = data.normalize(r, cols["embedded:arith"], DataConfig())
+        given, query = re.fullmatch(r"Given (.*)\. What is the value of (\w)\?", r["question"]).groups()
+        binds = dict(s.split(" = ") for s in given.split(", "))
+        assert len(binds) == chains.STATEMENTS
+        hops, v = 1, binds[query]
+        while not v.isdigit():
+            hops, v = hops + 1, binds[v]
+        assert (int(v) - 1, hops) == (r["answer"], r["level"]), r
+        assert parse_marker(r["rationale"], 9) == r["answer"] and r["options"][r["answer"]] == v
+        item = data.normalize(r, cols["embedded:chains"], DataConfig())
         assert item["level"] == r["level"] and item["rationale"] == r["rationale"] and item["item_id"] == r["item_id"]
-    assert "23 + 15 = 38" in arith.rationale([23, "+", 15, "-", 31])[0] and arith.rationale([23, "+", 15, "-", 31])[1] == 7
 
 
 def test_rationale_and_level_columns_are_mapped_and_checked():

@@ -114,7 +114,7 @@ def test_roc_report_against_a_known_level():
     assert rep["vs_level"]["easy"] == "level <= 2" and rep["vs_level"]["n"] == len(df) - 5
     assert set(rep["by_level"]) == {"1", "2", "3", "4", "<none>"}
     assert "vs_level" not in metrics.roc_report(df.assign(level=2)) and "vs_level" not in metrics.roc_report(df)
-    # the arith pool's shape: 7% / 36% / 36% / 20% at levels 1-4. The median level (3) would call 79% of the rows
+    # a pool skewed across levels: 7% / 36% / 36% / 20% at levels 1-4. The median level (3) would call 79% of the rows
     # easy; "<= 2" (43%) is the cut nearest an even split
     lopsided = np.repeat([1.0, 2.0, 3.0, 4.0], [14, 72, 74, 40])
     assert metrics.roc_report(df.assign(level=lopsided))["vs_level"]["easy"] == "level <= 2"

@@ -271,5 +271,5 @@ def test_rationale_backend_without_a_rationale_column_fails_on_the_driver(tiny_m
     cfg = load_config(None, [f"run_dir={tmp_path}/run", f"student.name={tiny_model_dir}", "teach.backend=rationale"])
     with pytest.raises(ConfigError, match="teach.backend=rationale needs data.columns.rationale"):
         preflight.check_config(cfg, pipeline.needed(cfg))
-    ok = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "embedded:arith"})})
+    ok = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "embedded:chains"})})
     preflight.check_config(ok, pipeline.needed(ok))

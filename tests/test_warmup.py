@@ -74,7 +74,7 @@ def test_warm_up_items_that_are_all_run_items_fail_in_one_line(ray_local, base_m
 
 def test_a_warmed_student_read_under_the_score_prompt_is_refused_naming_the_field(tmp_path):
     """The warm-up teaches '[[k]]'; the score prompt reads the first answer token, '[[' for every item (measured on
-    embedded:arith: 1,537 of 1,537 invalid, and the split then had nothing to bucket)."""
+    a chained-arithmetic pool: 1,537 of 1,537 invalid, and the split then had nothing to bucket)."""
     with pytest.raises(ConfigError, match=r"score.prompt: .*set score.prompt=direct"):
-        load_config(None, [f"run_dir={tmp_path}/run", "warmup.source=embedded:arith-warmup"])
-    assert load_config(None, [f"run_dir={tmp_path}/run", "warmup.source=embedded:arith-warmup", "score.prompt=direct"])
+        load_config(None, [f"run_dir={tmp_path}/run", "warmup.source=embedded:chains-warmup"])
+    assert load_config(None, [f"run_dir={tmp_path}/run", "warmup.source=embedded:chains-warmup", "score.prompt=direct"])

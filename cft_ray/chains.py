@@ -1,21 +1,20 @@
 """A known-answer task: variable chains with a difficulty knob and exact rationales (issue 20).
 
-Every item lists STATEMENTS assignments in shuffled order, some a value (`k = 9`), some another variable
-(`m = k`), and asks for one variable's value; its level is the number of links from that variable to its value
-(level 1: a look-up; level 4: three hops first). The other statements are distractor chains ending in other
-values, so every item has the same length and surface whatever its level: only following the chain tells
-a hard item from an easy one. The options are the numbers 1..9 in order, option k the value k (a 135M student
-cannot map arbitrary option values to their labels, FEASIBILITY.md). Example, level 3:
+Every item lists CHAINS chains of assignments, shuffled together: each chain is a value (`k = 9`) and `level - 1`
+variables each set to the previous one (`m = k`, `q = m`); the question asks for the value of the last variable of
+one chain. Its level (the true difficulty) is the number of links to follow; the distractor chains are as long, so
+nothing but following the links gives the answer (with shorter distractors "the value some variable refers to"
+was a shortcut the probe's student found). The options are the numbers 1..9 in order, option k the value k (a
+135M student cannot map arbitrary option values to their labels, FEASIBILITY.md). Example, level 2:
 
-    Given t = 9, v = w, a = 4, u = v, p = t, w = 6. What is the value of u?
-    rationale: u = v. v = w. w = 6. So u = 6, which is option 6. [[6]]
+    Given n = s, t = j, o = 8, s = 2, j = 4, q = o. What is the value of t?
+    rationale: t = j. j = 4. So t = 4, which is option 4. [[4]]
 
-Each item carries its level (the true difficulty) and the rationale, which `teach.backend=rationale` reads in
-place of a teacher. Measured with a plain loop (scripts/warmup_probe.py, SmolLM2-135M, full fine-tuning, lr
-1e-4, batch 8, held-out items): 50 steps give 0.89 / 0.74 / 0.46 / 0.45 at levels 1-4 and an entropy ROC AUC of
-0.68 against wrong answers; zero-shot it is at chance. Items are unique by question across both files:
-`chains.jsonl` (the experiment's pool) and `chains_warmup.jsonl` (the student's warm-up, disjoint from it). The
-shipped files are this module's output for its seed (`python -m cft_ray.chains` rewrites them; a test checks).
+Each item carries its level and the rationale, which `teach.backend=rationale` reads in place of a teacher.
+Items are unique by question across both files: `chains.jsonl` (the experiment's pool) and `chains_warmup.jsonl`
+(the student's warm-up, disjoint from it). The shipped files are this module's output for its seed
+(`python -m cft_ray.chains` rewrites them; a test checks). README "Known-answer experiment" has what
+scripts/warmup_probe.py measured for this design and the ones before it.
 """
 from __future__ import annotations
 
@@ -24,44 +23,43 @@ import random
 import string
 from pathlib import Path
 
-STATEMENTS = 6
-LEVELS = (1, 2, 3, 4)       # links from the queried variable to its value
+CHAINS = 3                  # chains per item, each ending in its own value: one queried, the others distractors
+LEVELS = (1, 2, 4, 6)        # links from the queried variable to its value (and in every distractor chain)
 POOL_PER_LEVEL = 200
 WARMUP_PER_LEVEL = 100
 SEED = 0
 DATA = Path(__file__).parent / "data"
 
 
-def item(rng: random.Random, level: int) -> dict:
-    """One item of `level`: the queried chain plus distractor chains of 1-4 links, STATEMENTS in all, shuffled."""
-    names = rng.sample(string.ascii_lowercase, STATEMENTS)
-    values = rng.sample(range(1, 10), 9)          # every chain ends in a value of its own
-    sizes, left = [level], STATEMENTS - level
-    while left:
-        sizes.append(rng.randint(1, min(left, 4)))
-        left -= sizes[-1]
-    chains, statements, used = [], [], 0
+def item(rng: random.Random, level: int, chains_per_item: int = CHAINS) -> dict:
+    """One item of `level`: `chains_per_item` chains of `level` links each (the queried one and its distractors),
+    shuffled together; every chain ends in a value of its own. All chains alike, nothing but following the links
+    tells the answer (with shorter distractors, "the value some variable refers to" was a shortcut)."""
+    names = rng.sample(string.ascii_lowercase, chains_per_item * level)
+    values = rng.sample(range(1, 10), chains_per_item)
+    sizes = [level] * chains_per_item
+    chains, lines, used = [], [], 0
     for value, size in zip(values, sizes):
         chain = names[used:used + size]
         used += size
         chains.append(chain)
-        statements += [f"{chain[0]} = {value}"] + [f"{chain[k]} = {chain[k - 1]}" for k in range(1, size)]
-    rng.shuffle(statements)
+        lines += [f"{chain[0]} = {value}"] + [f"{chain[k]} = {chain[k - 1]}" for k in range(1, size)]
+    rng.shuffle(lines)
     chain, value = chains[0], values[0]
     steps = [f"{chain[k]} = {chain[k - 1]}." for k in range(level - 1, 0, -1)] + [f"{chain[0]} = {value}."]
-    return {"question": f"Given {', '.join(statements)}. What is the value of {chain[-1]}?",
+    return {"question": f"Given {', '.join(lines)}. What is the value of {chain[-1]}?",
             "options": [str(k) for k in range(1, 10)], "answer": value - 1, "subject": "variables",
             "category": f"level {level}", "level": level,
             "rationale": " ".join(steps) + f" So {chain[-1]} = {value}, which is option {value}. [[{value}]]"}
 
 
-def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
+def generate(seed: int = SEED, levels: tuple[int, ...] = LEVELS, chains_per_item: int = CHAINS) -> tuple[list[dict], list[dict]]:
     """(experiment pool, warm-up pool): unique questions, every level in both, ids `chains-<level>-<n>`."""
     rng, seen, pool, warm = random.Random(seed), set(), [], []
-    for level in LEVELS:
+    for level in levels:
         rows = []
         while len(rows) < POOL_PER_LEVEL + WARMUP_PER_LEVEL:
-            r = item(rng, level)
+            r = item(rng, level, chains_per_item)
             if r["question"] not in seen:
                 seen.add(r["question"])
                 rows.append({"item_id": f"chains-{level}-{len(rows):04d}", **r})

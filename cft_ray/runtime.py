@@ -24,9 +24,11 @@ def init_ray(cfg: RayConfig):
             ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             # address="local": a new local Ray, as documented, even when another Ray runs on this machine
-            # (Ray would otherwise join it and refuse num_cpus)
+            # (Ray would otherwise join it and refuse num_cpus). The dashboard (on loopback) serves the State API:
+            # without it Ray Train's placement-group cleaner cannot see its controller and logs a warning a second.
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
-                     object_store_memory=int(cfg.object_store_gb * 2**30), include_dashboard=False, log_to_driver=True)
+                     object_store_memory=int(cfg.object_store_gb * 2**30), include_dashboard=True,
+                     dashboard_host="127.0.0.1", log_to_driver=True)
         log.info("ray: %s", ray.cluster_resources())
     # the driver plans every read, so its DataContext decides the reader for the whole cluster
     ctx = ray.data.DataContext.get_current()

@@ -5,7 +5,10 @@ padded, constant lr, direct targets '[[k]]<|im_end|>' after the pipeline's own d
 accuracy by level of the argmax over the digits 1-9 after the prompt + '[[', and the ROC AUC of that
 distribution's entropy against wrong answers (the experiment's own score stage reads the full vocabulary).
 
-    .venv/bin/python scripts/warmup_probe.py 100 1e-4 [test items per level]
+    .venv/bin/python scripts/warmup_probe.py 100 1e-4 [test items per level] [levels, e.g. 1,2,4,6] [chains per item]
+
+After the warm-up pool's items, it goes on with the pool's items that are not test items (a direct-answer SFT arm's
+training), so one run shows the warmed student and what direct SFT then makes of the hard levels.
 """
 import random
 import sys
@@ -21,12 +24,19 @@ from cft_ray.models import resolve
 
 steps, lr = int(sys.argv[1]), float(sys.argv[2])
 per_level = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+level_ids = tuple(int(x) for x in sys.argv[4].split(",")) if len(sys.argv) > 4 else chains.LEVELS
+per_item = int(sys.argv[5]) if len(sys.argv) > 5 else chains.CHAINS
 torch.manual_seed(0); torch.set_num_threads(2)
 rng = random.Random(0)
-pool, train = chains.generate()
-levels = [str(lv) for lv in chains.LEVELS]
-test = [r for lv in chains.LEVELS for r in [x for x in pool if x["level"] == lv][:per_level]]
-print("train", len(train), "test", len(test), flush=True)
+pool, warm = chains.generate(levels=level_ids, chains_per_item=per_item)
+levels = [str(lv) for lv in level_ids]
+test = [r for lv in level_ids for r in [x for x in pool if x["level"] == lv][:per_level]]
+tested = {r["item_id"] for r in test}
+rng.shuffle(warm)
+rest = [r for r in pool if r["item_id"] not in tested]
+rng.shuffle(rest)
+train = warm + rest  # read in order: the warm-up's items first
+print("warm-up", len(warm), "then", len(rest), "test", len(test), flush=True)
 md = resolve(load_config(None, []).student)
 tok = AutoTokenizer.from_pretrained(md)
 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32)
@@ -57,7 +67,7 @@ def evaluate():
 print("step 0", evaluate(), flush=True)
 t0 = time.time(); model.train()
 for step in range(1, steps + 1):
-    b = [enc(rng.choice(train)) for _ in range(8)]
+    b = [enc(train[(8 * (step - 1) + j) % len(train)]) for j in range(8)]
     w = max(len(f) for f, _ in b)
     x = torch.full((8, w), tok.pad_token_id); y = torch.full((8, w), -100); m = torch.zeros_like(x)
     for j, (f, n) in enumerate(b):

@@ -225,7 +225,7 @@ def test_zero_valid_rows_fail_in_one_line_and_mark_nothing_done(ray_local, tmp_p
 def test_embedded_chains_are_the_generators_output_with_true_levels_and_checked_rationales():
     """The shipped files are cft_ray.chains' output for its seed; solving each question from its text alone (follow
     the queried variable's links) gives its gold answer and its level; every rationale's last marker is the gold;
-    every item has the same number of statements; the experiment and warm-up pools share no question and both
+    every item has CHAINS chains of `level` links; the experiment and warm-up pools share no question and both
     hold every level."""
     import collections
     import re
@@ -246,7 +246,7 @@ def test_embedded_chains_are_the_generators_output_with_true_levels_and_checked_
     for r in pool + warm:
         given, query = re.fullmatch(r"Given (.*)\. What is the value of (\w)\?", r["question"]).groups()
         binds = dict(s.split(" = ") for s in given.split(", "))
-        assert len(binds) == chains.STATEMENTS
+        assert len(binds) == chains.CHAINS * r["level"] and sum(v.isdigit() for v in binds.values()) == chains.CHAINS
         hops, v = 1, binds[query]
         while not v.isdigit():
             hops, v = hops + 1, binds[v]

@@ -242,7 +242,7 @@ def test_embedded_chains_are_the_generators_output_with_true_levels_and_checked_
         assert files[name] == rows, f"{name} differs from cft_ray.chains' output: run python -m cft_ray.chains"
     assert not {r["question"] for r in pool} & {r["question"] for r in warm}
     for rows in (pool, warm):
-        assert set(collections.Counter(r["level"] for r in rows)) == {1, 2, 3, 4}
+        assert set(collections.Counter(r["level"] for r in rows)) == set(chains.LEVELS)
     for r in pool + warm:
         given, query = re.fullmatch(r"Given (.*)\. What is the value of (\w)\?", r["question"]).groups()
         binds = dict(s.split(" = ") for s in given.split(", "))

@@ -111,10 +111,13 @@ def _section_setup(run: dict, run_dir: str) -> list[str]:
     if not cfg:
         return lines
     st, te = cfg["student"], cfg["teach"]
+    teacher = ("the items' own rationales (teach.backend rationale: no model, checked against gold)"
+               if te["backend"] == "rationale" else
+               f"`{te['model']['name'] if te['backend'] != 'openai' else te.get('api_model')}` "
+               f"via {te['backend']} (temperature {te['temperature']}, top_p {te['top_p']}, max_tokens {te['max_tokens']}, "
+               f"seed {te['seed']}, policy {te['policy']} x{te['samples']}, format constraint {te['constrain_format']})")
     return lines + [
-        f"- student: `{st['name']}` ({st['dtype']}); teacher: `{te['model']['name'] if te['backend'] != 'openai' else te.get('api_model')}` "
-        f"via {te['backend']} (temperature {te['temperature']}, top_p {te['top_p']}, max_tokens {te['max_tokens']}, "
-        f"seed {te['seed']}, policy {te['policy']} x{te['samples']}, format constraint {te['constrain_format']})",
+        f"- student: `{st['name']}` ({st['dtype']}); teacher: {teacher}",
         f"- data: `{cfg['data']['source']}` (limit {cfg['data']['limit']}); labels: {cfg['prompt']['labels']} "
         f"(fallback {cfg['prompt']['fallback']})",
         f"- split: metric `{cfg['split']['metric']}`, {cfg['split']['method']} {cfg['split']['quantiles'] if cfg['split']['method'] == 'quantiles' else ''}, "

@@ -24,17 +24,23 @@ def init_ray(cfg: RayConfig):
             ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             # address="local": a new local Ray, as documented, even when another Ray runs on this machine
-            # (Ray would otherwise join it and refuse num_cpus). The dashboard (on loopback) serves the State API:
-            # without it Ray Train's placement-group cleaner cannot see its controller and logs a warning a second.
+            # (Ray would otherwise join it and refuse num_cpus). No dashboard (~1 GB of processes here), hence no
+            # State API, so Ray Train's placement-group cleaner is silenced: it would warn once a second per run.
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
-                     object_store_memory=int(cfg.object_store_gb * 2**30), include_dashboard=True,
-                     dashboard_host="127.0.0.1", log_to_driver=True)
+                     object_store_memory=int(cfg.object_store_gb * 2**30), include_dashboard=False, log_to_driver=True,
+                     runtime_env={"worker_process_setup_hook": "cft_ray.runtime.quiet_placement_group_cleaner"})
         log.info("ray: %s", ray.cluster_resources())
     # the driver plans every read, so its DataContext decides the reader for the whole cluster
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.use_datasource_v2 = cfg.parquet_reader == "v2"
     return ray
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of a local Ray: the cleaner can only query its controller through the dashboard's State
+    API; without a dashboard it cannot work, and says so every second."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def block_partials(ds, part) -> list:

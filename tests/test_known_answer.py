@@ -31,6 +31,10 @@ def test_warmed_student_knows_what_it_gets_wrong_and_cot_wins_on_the_deepest_cha
                      "arms=[sft,distill]", "split.seed=1", "train.seed=1"]) == 0
     (roc,) = glob.glob(str(run / "score-*" / "roc.json"))
     auc = json.loads(Path(roc).read_text())["overall"]["auc"]["entropy"]
-    assert auc > 0.6, auc
-    (sft, n), (distill, _) = _level_accuracy(run, "sft", 6), _level_accuracy(run, "distill", 6)
-    assert n >= 10 and distill >= sft + 0.3, (sft, distill, n)
+    assert auc > 0.65, auc  # seeds 1 / 2 / 3: 0.749 / 0.718 / 0.782
+    deep = {arm: [_level_accuracy(run, arm, level) for level in (4, 6)] for arm in ("sft", "distill")}
+    # level 6, sft vs distill: 0.29 vs 1.00 / 0.65 vs 0.85 / 0.25 vs 1.00 (16-21 items each)
+    assert deep["distill"][1][0] > deep["sft"][1][0], deep
+    pooled = {arm: sum(a * n for a, n in cells) / sum(n for _, n in cells) for arm, cells in deep.items()}
+    # levels 4 + 6 pooled: distill - sft = 0.57 / 0.43 / 0.71
+    assert pooled["distill"] >= pooled["sft"] + 0.25, pooled

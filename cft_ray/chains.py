@@ -37,13 +37,8 @@ def item(rng: random.Random, level: int, chains_per_item: int = CHAINS) -> dict:
     tells the answer (with shorter distractors, "the value some variable refers to" was a shortcut)."""
     names = rng.sample(string.ascii_lowercase, chains_per_item * level)
     values = rng.sample(range(1, 10), chains_per_item)
-    sizes = [level] * chains_per_item
-    chains, lines, used = [], [], 0
-    for value, size in zip(values, sizes):
-        chain = names[used:used + size]
-        used += size
-        chains.append(chain)
-        lines += [f"{chain[0]} = {value}"] + [f"{chain[k]} = {chain[k - 1]}" for k in range(1, size)]
+    chains = [names[c * level:(c + 1) * level] for c in range(chains_per_item)]
+    lines = [f"{chain[k]} = {chain[k - 1] if k else value}" for chain, value in zip(chains, values) for k in range(level)]
     rng.shuffle(lines)
     chain, value = chains[0], values[0]
     steps = [f"{chain[k]} = {chain[k - 1]}." for k in range(level - 1, 0, -1)] + [f"{chain[0]} = {value}."]

@@ -201,25 +201,17 @@ def _records(path: str, fmt: str) -> Iterator[tuple[int, object, str | None]]:
                     yield i, line[:_RAW_CHARS].decode("utf-8", "replace"), "non-UTF-8 bytes in line"
                 except json.JSONDecodeError as e:
                     yield i, line[:_RAW_CHARS].decode("utf-8", "replace"), f"malformed JSON line: {e.msg}"
-        elif fmt == "parquet":
+        elif fmt in ("parquet", "arrow"):  # arrow: datasets' save_to_disk files, the Arrow IPC stream format
             try:
-                pf = pq.ParquetFile(f)
+                batches = (pq.ParquetFile(f).iter_batches(batch_size=_CHUNK) if fmt == "parquet"
+                           else pa.ipc.open_stream(f))
                 i = 0
-                for batch in pf.iter_batches(batch_size=_CHUNK):
+                for batch in batches:
                     for rec in batch.to_pylist():
                         yield i, rec, None
                         i += 1
             except Exception as e:  # noqa: BLE001 - truncated/corrupt file: the rest of it is one error
-                yield -1, None, f"unreadable parquet file: {type(e).__name__}: {e}"
-        elif fmt == "arrow":  # datasets' save_to_disk files: the Arrow IPC stream format
-            try:
-                i = 0
-                for batch in pa.ipc.open_stream(f):
-                    for rec in batch.to_pylist():
-                        yield i, rec, None
-                        i += 1
-            except Exception as e:  # noqa: BLE001 - truncated/corrupt file: the rest of it is one error
-                yield -1, None, f"unreadable arrow file: {type(e).__name__}: {e}"
+                yield -1, None, f"unreadable {fmt} file: {type(e).__name__}: {e}"
         else:  # csv/tsv, header row required; bad bytes surface per row as surrogates
             reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""),
                                     delimiter="\t" if fmt == "tsv" else ",")

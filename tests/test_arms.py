@@ -121,3 +121,13 @@ def test_report_shows_each_arms_epochs_in_training_order(tmp_path):
     # a phase with fewer rows than one global batch did not train: the table must not hide it
     skipped = [["direct", 1.0], ["cot", 1.0, "7 rows < one global batch of 8"]]
     assert report.phase_epochs(skipped) == "1 direct + 0 cot (skipped: 7 rows < one global batch of 8)"
+
+
+def test_report_names_the_rationale_teacher_not_an_unused_models_settings(tmp_path):
+    """teach.backend=rationale calls no model: the setup line once printed the default teacher model's sampling."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.source=embedded:chains", "teach.backend=rationale"])
+    line = next(x for x in report._section_setup({"config": cfg.model_dump(mode="json")}, str(tmp_path)) if "teacher" in x)
+    assert "own rationales" in line and "temperature" not in line, line
+    vllm = cfg.model_copy(update={"teach": cfg.teach.model_copy(update={"backend": "vllm"})})
+    line = next(x for x in report._section_setup({"config": vllm.model_dump(mode="json")}, str(tmp_path)) if "teacher" in x)
+    assert "via vllm (temperature" in line, line

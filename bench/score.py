@@ -117,9 +117,39 @@ def score_manifest(stdout: str, n: int) -> dict:
     return manifest
 
 
-def stage_speed(items: list[dict], cfg, args) -> tuple[float, float]:
-    """(whole `cft-ray score` command s, the stage's own s from its manifest) on `items`, same model and
-    settings as the in-process methods, on a fresh local Ray."""
+ROLES = ("scoring actor", "task workers", "driver", "Ray system")
+
+
+def role(p: psutil.Process, root: psutil.Process) -> str:
+    """Which part of the stage a process of the `cft-ray score` tree is."""
+    if p.pid == root.pid:
+        return "driver"
+    cmd = " ".join(p.cmdline())
+    return "scoring actor" if "Scorer" in cmd else "task workers" if cmd.startswith("ray::") else "Ray system"
+
+
+def cpu_by_role(proc: psutil.Popen, every: float = 0.5) -> dict[str, float]:
+    """Waits for `proc` while summing the CPU seconds (user + system) of every process in its tree by `role`:
+    where a stage's CPU goes, the profile behind its rate. A process is read until it exits, so up to
+    `every` s of a short-lived process's CPU is missed."""
+    seen: dict[int, tuple[str, float]] = {}
+    while proc.poll() is None:
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                kind = role(p, proc)
+                # a task worker later hosting the actor keeps the actor's role
+                seen[p.pid] = (kind if seen.get(p.pid, ("",))[0] != "scoring actor" else "scoring actor",
+                               t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        time.sleep(every)
+    return {r: round(sum(c for k, c in seen.values() if k == r), 1) for r in ROLES}
+
+
+def stage_speed(items: list[dict], cfg, args) -> tuple[float, float, dict]:
+    """(whole `cft-ray score` command s, the stage's own s from its manifest, CPU s by role) on `items`, same
+    model and settings as the in-process methods, on a fresh local Ray."""
     cli = [sys.executable, "-m", "cft_ray.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "items.jsonl")
@@ -131,10 +161,15 @@ def stage_speed(items: list[dict], cfg, args) -> tuple[float, float]:
                   *args.overrides, "score.pool.num_cpus=1", f"score.pool.threads={args.threads}"]
         subprocess.run([*cli, "data", "prepare", *common], check=True, capture_output=True)
         t = time.time()
-        out = subprocess.run([*cli, "score", *common], check=True, capture_output=True, text=True).stdout
-        whole = time.time() - t
-        manifest = score_manifest(out, len(items))
-    return whole, manifest["durations_s"]["score"]
+        with tempfile.TemporaryFile("w+") as log:
+            proc = psutil.Popen([*cli, "score", *common], stdout=log, stderr=subprocess.DEVNULL, text=True)
+            cpu = cpu_by_role(proc)
+            whole = time.time() - t
+            if proc.returncode:
+                raise RuntimeError(f"cft-ray score failed on {len(items)} items")
+            log.seek(0)
+            manifest = score_manifest(log.read(), len(items))
+    return whole, manifest["durations_s"]["score"], cpu
 
 
 def tree_memory(root: psutil.Process) -> tuple[int, int]:
@@ -291,7 +326,7 @@ def compare(args, cfg, items, dtype) -> None:
     print(f"(c) by part: prompt task {split['prompt task']:.1f} s; model actor {actor:.1f} s, of which forward passes "
           f"{split['forward']:.1f} s and the rest (padding, maths, parsing, Arrow) {actor - split['forward']:.1f} s = "
           f"{(actor - split['forward']) / actor:.1%} of the actor (target <= 10%)")
-    whole, stage = stage_speed(items, cfg, args)
+    whole, stage, cpu_all = stage_speed(items, cfg, args)
     print(f"(d) the real stage, `cft-ray data prepare` + `cft-ray score` on the same {len(items)} items, after the rounds: "
           f"{len(items) / stage:.2f} items/s in the stage ({stage:.1f} s), {len(items) / whole:.2f} items/s for the whole "
           f"score command ({whole:.1f} s, Ray start-up included); stage / (c) = {len(items) / stage / rows[2][1]:.2f}x "
@@ -299,10 +334,19 @@ def compare(args, cfg, items, dtype) -> None:
     # The stage's time includes a fixed cost (the actor's process start, imports and model load) that (c) pays before
     # its timer; the stage on half the items separates it from the per-item rate (the steady state).
     half = len(items) // 2
-    _, stage_half = stage_speed(items[:half], cfg, args)
+    _, stage_half, cpu_half = stage_speed(items[:half], cfg, args)
     marginal = (len(items) - half) / (stage - stage_half)
     print(f"(d) on the first {half} items: {stage_half:.1f} s in the stage; marginal rate {marginal:.2f} items/s = "
           f"{marginal / rows[2][1]:.2f}x (c) (target >= 0.9x), fixed cost {stage - len(items) / marginal:.1f} s")
+    # Where the CPU goes: the marginal CPU seconds per item of each part of the stage against (c)'s, whose process
+    # does the same work (prompt task + model actor) alone on the box.
+    n_more = len(items) - half
+    per_item = {r: (cpu_all[r] - cpu_half[r]) / n_more for r in ROLES}
+    print(f"(d) CPU s by part, {len(items)} / {half} items: " + "; ".join(f"{r} {cpu_all[r]} / {cpu_half[r]}" for r in ROLES))
+    print(f"(d) marginal CPU ms per item: " + "; ".join(f"{r} {1e3 * v:.1f}" for r, v in per_item.items())
+          + f"; all {1e3 * sum(per_item.values()):.1f}, of {1e3 * args.threads / marginal:.1f} the box had per item "
+          f"({args.threads} cores / marginal rate); (c) used {1e3 * cpu[2] / len(items):.1f} (prompt task "
+          f"{1e3 * split['prompt task'] / len(items):.1f} of it)")
     by_id = {r["item_id"]: r for r in scored}
     dh = max(abs(a - by_id[i["item_id"]]["entropy"]) for a, i in zip(ref, ref_items))
     print(f"(c) vs (a) entropy max |diff| {dh:.3g} nats over {n_ref} items ({cfg.student.dtype}; padding changes matmul shapes)")

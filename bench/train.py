@@ -101,7 +101,7 @@ def run_cft(ray, rows, cot, model_dir, args, packing: bool, workers: int) -> dic
     cfg = load_config(None, [
         f"student.name={model_dir}", "train.schedule=merged", "train.epochs=1", f"train.method={args.method}",
         f"train.micro_batch={args.micro_batch * args.workers // workers}", f"train.num_workers={workers}",
-        f"train.resources_per_worker={{CPU: {args.workers // workers}}}", "train.zero_stage=2",
+        f"train.resources_per_worker={{CPU: {args.workers // workers}}}", f"train.zero_stage={args.zero_stage}",
         f"train.precision={args.precision}", f"student.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
         "train.lora_r=16", "train.lora_alpha=32", "train.checkpoint_every_steps=100000",
         f"teach.max_tokens={args.max_length // 2}",  # no teacher here; only the length-budget check reads it
@@ -204,7 +204,7 @@ def cft_only(rows, cot, model_dir, args) -> None:
     ray.init(address="local", num_cpus=args.workers, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     for workers in (args.workers, 1):
         m = run_cft(ray, rows, cot, model_dir, args, packing=False, workers=workers)
-        print(f"| cft-ray, {workers} workers x {args.workers // workers} threads, ZeRO-2 {args.precision} | {m['steps']} | "
+        print(f"| cft-ray, {workers} workers x {args.workers // workers} threads, ZeRO-{args.zero_stage} {args.precision} | {m['steps']} | "
               f"{m['tokens']} | {m['tokens_per_s']:.1f} | {m['mfu']:.3f} | {m['end_to_end_s']:.0f} |", flush=True)
         print("  step time on rank 0: " + ", ".join(f"{k} {v:.1%}" for k, v in m["step_profile"].items()), flush=True)
 
@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if native_cpu_bf16() else "fp32",
                     help="both sides' precision (default: bf16 on CPUs with native bf16, else fp32)")
     ap.add_argument("--cft-only", action="store_true", help="run only cft-ray's layouts")
+    ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="cft-ray's train.zero_stage")
     ap.add_argument("--peak-tflops-per-thread", type=float, default=None,
                     help="nominal peak per core in that precision; default: measure now")
     args = ap.parse_args()
@@ -264,8 +265,8 @@ def main() -> None:
                        (f"TRL SFTTrainer, 1 process x {args.workers} threads, {args.precision}", trl, "trl")):
         print(f"| {name} | {args.steps} | {m['tokens']} | {m['tokens_per_s']:.0f} | {mfu[k]:.3f} | "
               f"{m['optimizer_share']:.1%} | {m['end_to_end_s']:.0f} |")
-    for name, m in ((f"cft-ray, {args.workers} workers x 1 thread, ZeRO-2 {args.precision}", ours), ("cft-ray + packing", packed),
-                    (f"cft-ray, 1 worker x {args.workers} threads, ZeRO-2 {args.precision}", one)):
+    for name, m in ((f"cft-ray, {args.workers} workers x 1 thread, ZeRO-{args.zero_stage} {args.precision}", ours), ("cft-ray + packing", packed),
+                    (f"cft-ray, 1 worker x {args.workers} threads, ZeRO-{args.zero_stage} {args.precision}", one)):
         print(f"| {name} | {m['steps']} | {m['tokens']} | {m['tokens_per_s']:.0f} | {m['mfu']:.3f} | "
               f"{m['step_profile']['optimizer']:.1%} | {m['end_to_end_s']:.0f} |")
         print("  step time on rank 0: " + ", ".join(f"{k} {v:.1%}" for k, v in m["step_profile"].items()))

@@ -264,16 +264,6 @@ class TrainConfig(_Base):
     cot_broadcast_rows: int = Field(100_000, ge=0, description="Teacher CoT up to this many rows is read to the driver and joined to each block of routed rows (~1-2 KB a row, in every tokenising task's memory); more takes a hash join (shuffle actors, ~18 s fixed here, scales past one node).")
     pool: ActorPool = Field(default_factory=lambda: ActorPool(size=(1, 4), batch_size=256), description="Tokenisation tasks (Ray Data, before the workers start): size = at most that many at once (the larger of a (min, max) pair), resources/num_cpus place them; a task worker keeps its tokenizer for the next arm.")
 
-    @property
-    def zero_stage_used(self) -> int:
-        """The ZeRO stage DeepSpeed runs. With one worker, stages 1 and 2 partition nothing and their gradient buckets
-        and flat fp32 copies only cost time (full FT, 1 worker x 2 threads, bf16: 315 -> 366 tokens/s at stage 0,
-        README "Train"), so that case runs stage 0 unless the optimizer is offloaded (which needs a stage);
-        ZeRO-3 keeps its own load and save paths."""
-        if self.num_workers == 1 and self.zero_stage in (1, 2) and not self.offload_optimizer:
-            return 0
-        return self.zero_stage
-
     @model_validator(mode="after")
     def _offload(self):
         if self.offload_params and self.zero_stage != 3:

@@ -10,7 +10,7 @@ import logging
 import pyarrow.fs as pafs
 
 from cft_ray import store
-from cft_ray.config import ConfigError, TrainConfig
+from cft_ray.config import ConfigError
 
 log = logging.getLogger("cft_ray")
 
@@ -124,7 +124,7 @@ def _section_setup(run: dict, run_dir: str) -> list[str]:
         f"routing {cfg['split']['routing']}",
         f"- train: {cfg['train']['method']}, lr {cfg['train']['lr']}, epochs/phase {cfg['train']['epochs']}, "
         f"effective batch {cfg['train']['micro_batch'] * cfg['train']['grad_accum'] * cfg['train']['num_workers']}, "
-        f"ZeRO-{TrainConfig.model_validate(cfg['train']).zero_stage_used}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
+        f"ZeRO-{cfg['train']['zero_stage']}, {cfg['train']['precision']}, loss on {cfg['train']['loss_on']}",
         f"- evaluation: {cfg['eval']['mode']} protocol (also {cfg['eval'].get('extra_modes') or 'none'}), max_new_tokens {cfg['eval']['max_new_tokens']}, temperature {cfg['eval']['temperature']}",
         f"- config hash `{run.get('config_hash')}`; versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v), ""]
 

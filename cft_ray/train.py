@@ -362,7 +362,7 @@ def _manifest(cfg: CftConfig, phases: list[dict], state: dict, wall_s: float, in
                          "valid_loss": state["valid"].get(p["name"])})
     return {"stage": "train", "init_from": init_dir,
             "method": tc.method, "schedule": tc.schedule, "loss_on": tc.loss_on, "packing": tc.packing,
-            "zero_stage": state.get("zero_stage"), "zero_stage_configured": tc.zero_stage, "precision": tc.precision, "num_workers": tc.num_workers,
+            "zero_stage": tc.zero_stage, "precision": tc.precision, "num_workers": tc.num_workers,
             "effective_batch": tc.num_workers * tc.micro_batch * tc.grad_accum,
             "steps": state["step"], "params": n, "trainable_params": trainable,
             "tokens": tokens, "tokens_per_s": round(tps, 2), "step_time_s": round(step_s, 3), "wall_s": round(wall_s, 3),

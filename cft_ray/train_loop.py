@@ -39,7 +39,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def deepspeed_config(tc, world: int) -> dict:
     """DeepSpeed config from TrainConfig (a TrainConfig or its dict). A torch AdamW is passed as the
     client optimizer (no C++ op to compile) except under offload, which needs DeepSpeed's CPU Adam."""
-    zero: dict = {"stage": tc.zero_stage_used}
+    zero: dict = {"stage": tc.zero_stage}
     pin = tc.use_gpu
     if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -264,8 +264,7 @@ def _setup(config: dict) -> Run:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     peak, peak_source = device_peak(tc, device)
     state = {"step": 0, "history": [], "checkpoints": [], "resumes": [], "valid": {}, "done": False,
-             "params": n_params, "trainable_params": n_trainable, "peak_tflops": peak, "peak_source": peak_source,
-             "zero_stage": engine.zero_optimization_stage()}  # what DeepSpeed runs (TrainConfig.zero_stage_used)
+             "params": n_params, "trainable_params": n_trainable, "peak_tflops": peak, "peak_source": peak_source}
     return Run(tc=tc, phases=config["phases"], model_dir=model_dir,
                trust_remote_code=config["trust_remote_code"], chat_template=config.get("chat_template"), rank=rank, world=world, device=device,
                engine=engine, scheduler=scheduler, collate_fn=functools.partial(collate, pad_id=config["pad_id"]),

@@ -32,8 +32,6 @@ def test_warmed_student_knows_what_it_gets_wrong_and_cot_wins_on_the_deepest_cha
                      "arms=[sft,distill]", "split.seed=1", "train.seed=1",
                      # half the arms' epochs and no direct-protocol pass: ~455 s instead of ~640 s standalone
                      "train.epochs=0.5", "eval.extra_modes=[]"]) == 0
-    # one worker: DeepSpeed runs ZeRO-0 whatever the config's stage 2 (TrainConfig.zero_stage_used)
-    assert {json.loads(Path(m).read_text())["zero_stage"] for m in glob.glob(str(run / "*" / "train_manifest.json"))} == {0}
     (roc,) = glob.glob(str(run / "score-*" / "roc.json"))
     auc = json.loads(Path(roc).read_text())["overall"]["auc"]["entropy"]
     assert auc > 0.65, auc  # seeds 1 / 2 / 3: 0.749 / 0.718 / 0.782

@@ -13,7 +13,6 @@ import torch
 from cft_ray import prompts
 from cft_ray.config import ConfigError, TrainConfig, load_config
 from cft_ray.train import IGNORE, build_examples, pack, phase_datasets, resolve_phases, tokenize_examples
-from cft_ray.train_loop import deepspeed_config
 from conftest import LLAMA3_TEMPLATE, PAPER_STUDENTS, QWEN_TEMPLATE, TEMPLATES, build_tiny
 
 BUCKETS = ["easy", "medium", "hard"]
@@ -282,18 +281,6 @@ def test_lora_zero2_two_workers(lora_run):
     prof = m["step_profile"]  # shares of rank 0's step time: every part measured, together the whole
     assert set(prof) == {"data", "forward", "backward", "optimizer", "other"} and sum(prof.values()) == pytest.approx(1, abs=1e-3)
     assert all(prof[k] > 0 for k in ("forward", "backward", "optimizer")) and prof["other"] > -1e-3
-
-
-def test_one_worker_runs_zero_stage_0_unless_offloading_or_zero3():
-    """ZeRO 1/2 partition across workers: with one there is nothing to partition, only buckets and copies to pay for."""
-    def stage(*overrides):
-        return deepspeed_config(load_config(None, list(overrides)).train, 1)["zero_optimization"]["stage"]
-
-    assert stage("train.num_workers=1", "train.zero_stage=2") == 0
-    assert stage("train.num_workers=1", "train.zero_stage=1") == 0
-    assert stage("train.num_workers=2", "train.zero_stage=2") == 2
-    assert stage("train.num_workers=1", "train.zero_stage=2", "train.offload_optimizer=true") == 2
-    assert stage("train.num_workers=1", "train.zero_stage=3") == 3
 
 
 def test_device_peak_from_config_probe_and_gpu_table():

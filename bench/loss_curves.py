@@ -15,6 +15,10 @@ import os
 import subprocess
 import sys
 
+from cft_ray.config import load_config
+from cft_ray.models import resolve
+from cft_ray.train_loop import deepspeed_config
+
 SIDES = ("autocast", "2", "0")  # fp32 weights + autocast; DeepSpeed ZeRO stage 2; stage 0
 
 
@@ -23,8 +27,6 @@ def side(name: str, args) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cft_ray.config import load_config
-    from cft_ray.models import resolve
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,10 +53,11 @@ def side(name: str, args) -> list[float]:
     deepspeed.init_distributed(dist_backend="gloo")
     model = copy.deepcopy(base).to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": int(name)}, "bf16": {"enabled": True},
-          "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), optimizer=opt, config=ds)
+    # the DeepSpeed config the train stage builds for one bf16 worker at this stage, batch 4, clip 1.0
+    tc = load_config(None, [f"train.zero_stage={name}", "train.precision=bf16", "train.micro_batch=4",
+                            "train.grad_accum=1", "train.num_workers=1", "train.grad_clip=1.0"]).train
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), optimizer=opt,
+                                      config=deepspeed_config(tc, 1))
     for b in batches:
         loss = engine(input_ids=b, labels=b).loss
         losses.append(loss.item())

@@ -137,10 +137,9 @@ def cpu_by_role(proc: psutil.Popen, every: float = 0.5) -> dict[str, float]:
         for p in [proc, *proc.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                kind = role(p, proc)
-                # a task worker later hosting the actor keeps the actor's role
-                seen[p.pid] = (kind if seen.get(p.pid, ("",))[0] != "scoring actor" else "scoring actor",
-                               t.user + t.system)
+                # a task worker that once hosted the actor keeps the actor's role
+                kind = "scoring actor" if seen.get(p.pid, ("",))[0] == "scoring actor" else role(p, proc)
+                seen[p.pid] = (kind, t.user + t.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         time.sleep(every)

@@ -86,7 +86,7 @@ def step_timer(seen: dict):
             self.t_opt = time.perf_counter()
 
         def on_optimizer_step(self, *a, **k):
-            seen["optimizer_s"] = seen.get("optimizer_s", 0.0) + time.perf_counter() - self.t_opt
+            seen["optimizer_s"] += time.perf_counter() - self.t_opt
 
         def on_step_end(self, *a, **k):
             seen["step_s"] += time.perf_counter() - self.t
@@ -129,7 +129,7 @@ def run_hf(rows, cot, model_dir, args) -> dict:
     pairs = [(prompts.cot_messages(r), texts[r["item_id"]]) if r["treatment"] == "cot"
              else (prompts.direct_messages(r), prompts.marker(r["answer"])) for r in rows]
     data = [{"input_ids": ids, "labels": lab} for ids, lab, _ in tokenize_examples(tok, pairs, args.max_length)]
-    seen = {"tokens": 0, "step_s": 0.0}
+    seen = {"tokens": 0, "step_s": 0.0, "optimizer_s": 0.0}
 
     def collate(batch):
         width = max(len(b["input_ids"]) for b in batch)
@@ -174,7 +174,7 @@ def run_trl(rows, cot, model_dir, args) -> dict:
         {"prompt": prompts.cot_messages(r) if r["treatment"] == "cot" else prompts.direct_messages(r),
          "completion": [{"role": "assistant", "content": texts[r["item_id"]] if r["treatment"] == "cot"
                          else prompts.marker(r["answer"])}]} for r in rows])
-    seen = {"step_s": 0.0}
+    seen = {"step_s": 0.0, "optimizer_s": 0.0}
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM") \
